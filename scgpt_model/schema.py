@@ -1,0 +1,60 @@
+"""The data contract, defined once: special tokens, shard columns and their Arrow types.
+
+Every writer (``ingest``) and every reader (``training``, ``eval``) imports these names;
+nobody spells a column name or a special-token id by hand.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+# Special tokens come first in every vocabulary, in this order, so their ids are fixed.
+PAD_TOKEN = "<pad>"
+CLS_TOKEN = "<cls>"
+EOC_TOKEN = "<eoc>"  # reserved (end of cell); kept so ids match the reference layout
+SPECIAL_TOKENS: tuple[str, ...] = (PAD_TOKEN, CLS_TOKEN, EOC_TOKEN)
+PAD_ID = 0
+CLS_ID = 1
+EOC_ID = 2
+N_SPECIAL = len(SPECIAL_TOKENS)
+
+# Binning defaults (paper eq. 2): bins 1..n_bins-1 for nonzero values, 0 for zeros.
+DEFAULT_N_BINS = 51
+DEFAULT_SEED = 0
+
+# Shard columns. One row per cell; list columns are aligned and sorted by gene id.
+SOMA_JOINID = "soma_joinid"
+GENES = "genes"
+COUNTS = "counts"
+BINS = "bins"
+N_GENES = "n_genes"
+TOTAL_COUNTS = "total_counts"
+OBS_COLUMNS: tuple[str, ...] = (
+    "dataset_id",
+    "assay",
+    "cell_type",
+    "tissue",
+    "tissue_general",
+    "disease",
+    "donor_id",
+    "suspension_type",
+)
+
+SHARD_SCHEMA = pa.schema(
+    [
+        pa.field(SOMA_JOINID, pa.int64(), nullable=False),
+        pa.field(GENES, pa.list_(pa.int32()), nullable=False),
+        pa.field(COUNTS, pa.list_(pa.float32()), nullable=False),
+        pa.field(BINS, pa.list_(pa.uint8()), nullable=False),
+        pa.field(N_GENES, pa.int32(), nullable=False),
+        pa.field(TOTAL_COUNTS, pa.float32(), nullable=False),
+        *[pa.field(c, pa.dictionary(pa.int32(), pa.string())) for c in OBS_COLUMNS],
+    ]
+)
+
+SHARD_COMPRESSION = "zstd"
+MANIFEST_FILE = "manifest.json"
+VOCAB_FILE = "vocab.json"
+
+# Train/validation split is a deterministic function of soma_joinid (paper §4.8: 97% / 3%).
+DEFAULT_VAL_FRACTION = 0.03
