@@ -1,0 +1,240 @@
+"""Dataset loading and preparation shared by every evaluation task.
+
+Steps (paper §4.5): raw counts checked -> genes matched to the vocabulary (report) ->
+optional cell subsample -> HVGs selected among the matched genes (1,200 for integration,
+3,000 for annotation) -> per-cell binning with the model package's token contract.
+Everything downstream (fine-tuning, embeddings, baselines) reads one ``PreparedData``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from eval.errors import EvalError
+from eval.genes import DATA_DIR, GeneMatch, match_genes
+from scgpt_model.schema import DEFAULT_N_BINS
+from scgpt_model.vocab import GeneVocab
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class ShippedDataset:
+    file: str
+    label_key: str
+    batch_key: str | None
+    # reference/query split for cross-batch annotation: these batches are the query
+    query_batches: tuple[str, ...] = ()
+
+
+SHIPPED: dict[str, ShippedDataset] = {
+    "pbmc3k": ShippedDataset("pbmc3k_counts_celltype.h5ad", label_key="celltype", batch_key=None),
+    # 10x 3' v1 / 3' v2 are the reference, 5' the query (a chemistry shift, as in the paper's
+    # cross-study annotation benchmarks)
+    "symphony": ShippedDataset("symphony_pbmc_3batch_counts.h5ad", label_key="celltype",
+                               batch_key="batch", query_batches=("5p",)),
+}
+
+
+def resolve_dataset(spec: str) -> tuple[str, Path, ShippedDataset | None]:
+    """A shipped name (``pbmc3k``, ``symphony``) or an ``.h5ad`` path -> (name, path, defaults)."""
+    if spec in SHIPPED:
+        meta = SHIPPED[spec]
+        return spec, DATA_DIR / meta.file, meta
+    path = Path(spec)
+    if not path.exists():
+        raise EvalError(f"dataset {spec!r} is neither a shipped dataset ({', '.join(SHIPPED)}) "
+                        "nor an existing .h5ad file; pass one of those names or a path to an .h5ad")
+    if path.suffix != ".h5ad":
+        raise EvalError(f"dataset {spec!r} is not an .h5ad file; convert it with anndata first")
+    return path.stem, path, None
+
+
+def load_dataset(spec: str) -> tuple[str, ad.AnnData, ShippedDataset | None]:
+    name, path, meta = resolve_dataset(spec)
+    try:
+        adata = ad.read_h5ad(path)
+    except Exception as e:  # h5py/anndata raise many types for a broken file
+        raise EvalError(f"could not read {path} as AnnData ({type(e).__name__}: {e})") from e
+    return name, adata, meta
+
+
+def check_counts(adata: ad.AnnData, name: str) -> None:
+    """Raw counts: finite, non-negative, integer-valued. Log-normalized input is refused."""
+    X = adata.X
+    if X is None:
+        raise EvalError(f"dataset {name} has no X matrix; put raw counts in X")
+    vals = X.data if sp.issparse(X) else np.asarray(X).ravel()
+    vals = vals[: 2_000_000]  # a prefix is enough to tell counts from normalized values
+    hint = (" It has adata.layers['counts']: set adata.X = adata.layers['counts'] and save it again."
+            if "counts" in adata.layers else "")
+    if vals.size and not np.all(np.isfinite(vals)):
+        raise EvalError(f"dataset {name} has non-finite values (NaN/inf) in X; pass raw counts.{hint}")
+    if vals.size and vals.min() < 0:
+        raise EvalError(f"dataset {name} has negative values in X (scaled data?); pass raw counts.{hint}")
+    frac = vals[np.abs(vals - np.round(vals)) > 1e-6]
+    if frac.size:
+        raise EvalError(
+            f"dataset {name} has non-integer values in X (e.g. {float(frac[0]):.4g}): it looks "
+            f"log-normalized, but the evaluation needs raw counts (binning and HVG selection run on "
+            f"counts).{hint}")
+
+
+def check_obs_key(adata: ad.AnnData, key: str | None, what: str, name: str) -> None:
+    if key is not None and key not in adata.obs.columns:
+        raise EvalError(f"{what} key {key!r} is not a column of {name}.obs; the columns are: "
+                        f"{', '.join(map(str, adata.obs.columns)) or '(none)'}. "
+                        f"Pass --{what}-key with one of them.")
+
+
+@dataclass(slots=True)
+class PreparedData:
+    """Cells x matched genes, ready for the model and the baselines.
+
+    ``counts`` and ``bins`` share one CSR pattern (nonzeros only; bins 1..n_bins-1); column j is
+    vocabulary token ``token_ids[j]`` with symbol ``symbols[j]``.
+    """
+
+    name: str
+    counts: sp.csr_matrix  # (n_cells, n_genes) float32 raw counts
+    bins: sp.csr_matrix  # (n_cells, n_genes) float32 bin ids, same pattern
+    token_ids: np.ndarray  # (n_genes,) int64
+    symbols: list[str]
+    obs: pd.DataFrame
+    label_key: str | None
+    batch_key: str | None
+    match: GeneMatch
+    n_bins: int
+
+    @property
+    def n_cells(self) -> int:
+        return int(self.counts.shape[0])
+
+    @property
+    def n_genes(self) -> int:
+        return int(self.counts.shape[1])
+
+    @property
+    def labels(self) -> np.ndarray | None:
+        return None if self.label_key is None else self.obs[self.label_key].astype(str).to_numpy()
+
+    @property
+    def batches(self) -> np.ndarray | None:
+        return None if self.batch_key is None else self.obs[self.batch_key].astype(str).to_numpy()
+
+    def lognorm(self) -> np.ndarray:
+        """(n_cells, n_genes) dense log1p(CP10k) over the prepared genes, for the baselines."""
+        X = self.counts.astype(np.float64)
+        tot = np.asarray(X.sum(axis=1)).ravel()
+        tot[tot == 0] = 1.0
+        X = sp.diags(1e4 / tot) @ X
+        return np.log1p(X.toarray()).astype(np.float32)
+
+    def subset(self, idx: np.ndarray) -> PreparedData:
+        idx = np.asarray(idx)
+        return replace(self, counts=self.counts[idx], bins=self.bins[idx], obs=self.obs.iloc[idx])
+
+
+def select_hvg(counts: sp.csr_matrix, n_top: int, batches: np.ndarray | None = None) -> np.ndarray:
+    """Indices of the ``n_top`` most variable genes, sorted.
+
+    scanpy's default ``seurat`` flavour on log1p(CP10k), per batch when batches are given (the
+    paper's scanpy preprocessing). ``seurat_v3``'s loess fit fails on small batches (near
+    singularities), so it is not used here.
+    """
+    import scanpy as sc
+
+    n = counts.shape[1]
+    if n_top <= 0 or n_top >= n:
+        return np.arange(n)
+    a = ad.AnnData(X=counts.astype(np.float32))
+    if batches is not None:
+        a.obs["batch"] = pd.Categorical(batches)
+    sc.pp.normalize_total(a, target_sum=1e4)
+    sc.pp.log1p(a)
+    sc.pp.highly_variable_genes(a, n_top_genes=n_top, flavor="seurat",
+                                batch_key="batch" if batches is not None else None)
+    return np.sort(np.flatnonzero(a.var["highly_variable"].to_numpy()))
+
+
+def prepare(adata: ad.AnnData, vocab: GeneVocab, *, name: str, label_key: str | None,
+            batch_key: str | None, n_hvg: int = 0, max_cells: int = 0, seed: int = 0,
+            n_bins: int = DEFAULT_N_BINS, require_labels: bool = True,
+            extra_symbols: tuple[str, ...] = ()) -> PreparedData:
+    """Check, match, subsample, select HVGs and bin. Cells with a missing label are dropped.
+
+    ``extra_symbols``: genes kept even if not highly variable (gene-network query genes).
+    """
+    from scgpt_model.binning import bin_csr
+
+    check_counts(adata, name)
+    check_obs_key(adata, label_key, "label", name)
+    check_obs_key(adata, batch_key, "batch", name)
+    match = match_genes(adata, vocab)
+    log.info("%s: %s", name, match.report())
+
+    obs = adata.obs.copy()
+    # a stable per-cell id (row in the file) seeds the binning: a cell gets the same bins
+    # whatever subset it is evaluated in
+    obs["_row"] = np.arange(adata.n_obs, dtype=np.int64)
+    keep = np.ones(adata.n_obs, dtype=bool)
+    if label_key is not None and require_labels:
+        keep &= obs[label_key].notna().to_numpy()
+        if (~keep).any():
+            log.info("%s: dropping %d cells without a %r label", name, int((~keep).sum()), label_key)
+    rows = np.flatnonzero(keep)
+    if max_cells and rows.size > max_cells:
+        rng = np.random.default_rng(seed)
+        rows = np.sort(rng.choice(rows, size=max_cells, replace=False))
+    X = sp.csr_matrix(adata.X[rows][:, match.var_index], dtype=np.float32)
+    X.sort_indices()
+    obs = obs.iloc[rows]
+    batches = None if batch_key is None else obs[batch_key].astype(str).to_numpy()
+    cols = select_hvg(X, n_hvg, batches)
+    if extra_symbols:
+        extra = [j for j, s in enumerate(match.symbols) if s in set(extra_symbols)]
+        cols = np.union1d(cols, np.asarray(extra, dtype=np.int64))
+    X = X[:, cols]
+    # genes that are zero in every kept cell carry nothing for any task
+    nz = np.asarray((X > 0).sum(axis=0)).ravel() > 0
+    cols, X = cols[nz], X[:, nz]
+    if X.shape[1] == 0:
+        raise EvalError(f"dataset {name}: no matched gene is expressed in the selected cells")
+    X = sp.csr_matrix(X)
+    X.sort_indices()
+    bins = bin_csr(X, obs["_row"].to_numpy(np.int64), n_bins=n_bins, seed=seed)
+    log.info("%s: %d cells x %d genes prepared (HVG target %s)", name, X.shape[0], X.shape[1],
+             n_hvg or "all")
+    return PreparedData(name=name, counts=X, bins=sp.csr_matrix(bins, dtype=np.float32),
+                        token_ids=match.token_ids[cols], symbols=[match.symbols[j] for j in cols],
+                        obs=obs, label_key=label_key, batch_key=batch_key, match=match, n_bins=n_bins)
+
+
+def stratified_split(labels: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train_idx, test_idx), stratified by label; classes with < 2 cells stay in train."""
+    rng = np.random.default_rng(seed)
+    train, test = [], []
+    for lab in np.unique(labels):
+        idx = np.flatnonzero(labels == lab)
+        rng.shuffle(idx)
+        n_test = int(round(test_fraction * idx.size)) if idx.size >= 2 else 0
+        n_test = min(max(n_test, 1 if idx.size >= 2 else 0), idx.size - 1) if idx.size >= 2 else 0
+        test.extend(idx[:n_test])
+        train.extend(idx[n_test:])
+    return np.sort(np.asarray(train, dtype=np.int64)), np.sort(np.asarray(test, dtype=np.int64))
+
+
+def batch_split(batches: np.ndarray, query_batches: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """(reference_idx, query_idx): the query is every cell of ``query_batches``."""
+    q = np.isin(batches, list(query_batches))
+    if not q.any() or q.all():
+        raise EvalError(f"query batches {list(query_batches)} leave an empty reference or query; "
+                        f"batches present: {sorted(set(batches))}")
+    return np.flatnonzero(~q), np.flatnonzero(q)

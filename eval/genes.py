@@ -1,0 +1,155 @@
+"""Match a dataset's genes to a model vocabulary, with a report of what matched.
+
+The project's vocabularies are keyed by Ensembl id by default (``feature_id``); the official
+scGPT ones by symbol (``feature_name``). Datasets come either way: pbmc3k carries both
+(symbols as ``var_names``, Ensembl in ``var.gene_ids``), the symphony PBMCs only symbols.
+Symbols are mapped to Ensembl with the table in the shipped pbmc3k file (the 10x hg19 gene
+list, 32,738 genes), so a symbol-only dataset still reaches an Ensembl-keyed vocabulary.
+Unmatched genes are dropped and counted, never silently.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+
+from eval.errors import EvalError
+from scgpt_model.vocab import GeneVocab
+
+log = logging.getLogger(__name__)
+
+DATA_DIR = Path(__file__).resolve().parents[1] / "data"
+_ENSEMBL = re.compile(r"^ENS[A-Z]*G\d{6,}")
+# var columns that, by convention, hold Ensembl ids / symbols (CELLxGENE, 10x, scanpy)
+_ID_COLUMNS = ("feature_id", "gene_ids", "gene_id", "ensembl_id", "ensembl")
+_SYMBOL_COLUMNS = ("feature_name", "gene_symbols", "gene_symbol", "gene_name", "symbol")
+
+
+def _strip_version(g: str) -> str:
+    """ENSG00000123456.7 -> ENSG00000123456 (GENCODE versions are not part of the key)."""
+    return g.split(".", 1)[0] if _ENSEMBL.match(g) else g
+
+
+def looks_ensembl(names) -> bool:
+    names = [str(n) for n in list(names)[:200]]
+    return bool(names) and sum(bool(_ENSEMBL.match(n)) for n in names) > 0.8 * len(names)
+
+
+@functools.lru_cache(maxsize=1)
+def symbol_table() -> dict[str, str]:
+    """symbol -> Ensembl id, from the shipped pbmc3k gene table (first occurrence wins)."""
+    path = DATA_DIR / "pbmc3k_counts_celltype.h5ad"
+    var = ad.read_h5ad(path, backed="r").var
+    table: dict[str, str] = {}
+    for sym, ens in zip(var.index.astype(str), var["gene_ids"].astype(str)):
+        table.setdefault(sym, ens)
+        # anndata makes duplicate symbols unique as SYMBOL-1; map the bare symbol too
+        base = re.sub(r"-\d+$", "", sym)
+        if base != sym:
+            table.setdefault(base, ens)
+    return table
+
+
+@functools.lru_cache(maxsize=1)
+def ensembl_table() -> dict[str, str]:
+    """Ensembl id -> symbol (the inverse of ``symbol_table``)."""
+    inv: dict[str, str] = {}
+    for sym, ens in symbol_table().items():
+        if not re.search(r"-\d+$", sym) or ens not in inv:
+            inv.setdefault(ens, sym)
+    return inv
+
+
+@dataclass(slots=True)
+class GeneMatch:
+    """Which of a dataset's genes the vocabulary knows.
+
+    ``var_index[i]`` is the dataset column of matched gene i, ``token_ids[i]`` its vocabulary id
+    and ``symbols[i]`` its symbol (for pathway look-ups; '' when unknown).
+    """
+
+    var_index: np.ndarray  # (n_matched,) int64 positions in adata.var
+    token_ids: np.ndarray  # (n_matched,) int64 vocabulary ids
+    symbols: list[str]
+    n_total: int
+    via: str  # which dataset field matched the vocabulary key
+    n_duplicates: int = 0
+    examples_unmatched: list[str] = field(default_factory=list)
+
+    @property
+    def n_matched(self) -> int:
+        return int(self.token_ids.size)
+
+    def report(self) -> str:
+        pct = 100.0 * self.n_matched / max(self.n_total, 1)
+        s = (f"genes matched to the vocabulary: {self.n_matched:,} of {self.n_total:,} ({pct:.1f}%) "
+             f"via {self.via}; {self.n_total - self.n_matched:,} dropped")
+        if self.n_duplicates:
+            s += f" ({self.n_duplicates} duplicates of an already matched id)"
+        if self.examples_unmatched:
+            s += f"; e.g. unmatched: {', '.join(self.examples_unmatched[:5])}"
+        return s
+
+    def as_dict(self) -> dict:
+        return {"n_total": self.n_total, "n_matched": self.n_matched, "via": self.via,
+                "n_duplicates": self.n_duplicates}
+
+
+def _symbols_of(adata: ad.AnnData) -> tuple[list[str], str]:
+    for col in _SYMBOL_COLUMNS:
+        if col in adata.var.columns and not looks_ensembl(adata.var[col]):
+            return adata.var[col].astype(str).tolist(), f"var['{col}']"
+    if not looks_ensembl(adata.var_names):
+        return adata.var_names.astype(str).tolist(), "var_names"
+    inv = ensembl_table()
+    return [inv.get(_strip_version(g), "") for g in adata.var_names.astype(str)], "var_names (Ensembl -> symbol table)"
+
+
+def _candidates(adata: ad.AnnData, key: str) -> list[tuple[str, list[str]]]:
+    """Possible per-gene keys for this vocabulary kind, each with a description."""
+    symbols, sym_src = _symbols_of(adata)
+    out: list[tuple[str, list[str]]] = []
+    if key == "feature_id":
+        for col in _ID_COLUMNS:
+            if col in adata.var.columns:
+                out.append((f"var['{col}']", [_strip_version(str(g)) for g in adata.var[col]]))
+        if looks_ensembl(adata.var_names):
+            out.append(("var_names", [_strip_version(str(g)) for g in adata.var_names]))
+        table = symbol_table()
+        out.append((f"{sym_src} (symbol -> Ensembl table)", [table.get(s, "") for s in symbols]))
+    else:
+        out.append((sym_src, symbols))
+    return out
+
+
+def match_genes(adata: ad.AnnData, vocab: GeneVocab) -> GeneMatch:
+    """Match ``adata.var`` to ``vocab`` by its key; raise ``EvalError`` when nothing matches."""
+    symbols, _ = _symbols_of(adata)
+    best: tuple[str, np.ndarray] | None = None
+    for desc, keys in _candidates(adata, vocab.key):
+        ids = vocab.encode(keys, missing=-1).astype(np.int64)
+        if best is None or (ids >= 0).sum() > (best[1] >= 0).sum():
+            best = (desc, ids)
+    assert best is not None
+    via, ids = best
+    hit = np.flatnonzero(ids >= 0)
+    # two columns with the same vocabulary id (e.g. symbol aliases) would double-count a gene
+    _, first = np.unique(ids[hit], return_index=True)
+    keep = np.sort(hit[first])
+    n_dup = int(hit.size - keep.size)
+    unmatched = [str(adata.var_names[i]) for i in np.flatnonzero(ids < 0)[:5]]
+    if keep.size == 0:
+        raise EvalError(
+            f"none of the dataset's {adata.n_vars:,} genes is in the model's vocabulary "
+            f"(keyed by {vocab.key}; tried {', '.join(d for d, _ in _candidates(adata, vocab.key))}; "
+            f"dataset genes look like {', '.join(map(str, adata.var_names[:3]))}, vocabulary genes like "
+            f"{', '.join(vocab.genes[:3])}). Use a dataset of the same organism, with Ensembl ids in "
+            "var['feature_id'] or gene symbols in var_names.")
+    return GeneMatch(var_index=keep, token_ids=ids[keep], symbols=[symbols[i] for i in keep],
+                     n_total=int(adata.n_vars), via=via, n_duplicates=n_dup, examples_unmatched=unmatched)
