@@ -1,0 +1,239 @@
+"""The scGPT network (§4.1-§4.4): embeddings, generative-attention transformer, heads, losses."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from scgpt_model.batching import ModelBatch, resolve_backend
+from scgpt_model.config import ModelConfig
+from scgpt_model.heads import ExpressionHead, GepcHead, MLPClassifier
+from scgpt_model.layers import (CategoryValueEncoder, ContinuousValueEncoder, DomainSpecificBatchNorm, GeneEncoder,
+                                LabelEncoder, TransformerLayer)
+from scgpt_model.losses import LossOutput, ecs_loss, masked_bernoulli_nll, masked_ce, masked_mse
+from scgpt_model.schema import CLS_ID
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ModelOutput:
+    """Everything one forward produces. Token tensors are flat (N,) over ``batch.genes`` flattened."""
+
+    cell_emb: Tensor  # (B, D) final state of <cls>
+    hidden: Tensor  # (N, D) final token states
+    expr_pred: Tensor  # (N,) predicted value (MSE head) or argmax bin (CE head)
+    expr_logits: Tensor | None = None  # (N, n_bins), CE head only
+    zero_prob: Tensor | None = None  # (N,) explicit zero probability
+    gepc_pred: Tensor | None = None  # (N,) GEPC prediction
+    cls_logits: Tensor | None = None  # (B, n_cell_types)
+    dar_logits: Tensor | None = None  # (B, n_batches)
+    loss: LossOutput | None = None
+
+
+class ScGPT(nn.Module):
+    """scGPT: gene + value (+ condition) embeddings -> transformer -> heads.
+
+    Call ``model(batch)`` with a :class:`ModelBatch` from :mod:`scgpt_model.batching`.
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.d_model
+        self.gene_encoder = GeneEncoder(cfg.vocab_size, d, cfg.pad_id, cfg.gene_norm)
+        if cfg.value_encoding == "continuous":
+            self.value_encoder: nn.Module = ContinuousValueEncoder(d, cfg.value_max)
+        else:
+            self.value_encoder = CategoryValueEncoder(d, cfg.n_bins, cfg.mask_value)
+        self.flag_encoder = nn.Embedding(2, d)  # row 1: the "unknown" flag of §4.3.2 (row 0 unused, as released)
+        self.condition_encoder = nn.Embedding(cfg.n_conditions, d) if cfg.n_conditions > 0 else None
+        self.batch_encoder = LabelEncoder(cfg.n_batches, d) if cfg.use_batch_labels else None
+        self.modality_encoder = LabelEncoder(cfg.n_modalities, d) if cfg.n_modalities > 0 else None
+        self.dsbn = DomainSpecificBatchNorm(d, cfg.n_batches, cfg.dsbn_affine) if cfg.dsbn else None
+        self.input_dropout = nn.Dropout(cfg.dropout)
+        self.layers = nn.ModuleList(
+            TransformerLayer(d, cfg.n_heads, cfg.d_ffn, cfg.dropout, cfg.norm_scheme, cfg.activation,
+                             cfg.layer_norm_eps) for _ in range(cfg.n_layers))
+        self.final_norm = nn.LayerNorm(d, eps=cfg.layer_norm_eps) if cfg.norm_scheme == "pre" else None
+        obj = cfg.objectives
+        d_head = cfg.head_input_dim
+        n_out = cfg.n_bins if obj.gep_loss == "ce" else 1
+        self.expr_head = ExpressionHead(d_head, d, n_out, cfg.explicit_zero_prob)
+        d_cell = 2 * d if cfg.use_batch_labels else d
+        self.gepc_head = GepcHead(d, d_cell, cfg.explicit_zero_prob) if obj.gepc else None
+        self.cls_head = (MLPClassifier(d, cfg.n_cell_types, cfg.n_cls_layers, nn.ReLU)
+                         if cfg.n_cell_types > 1 else None)
+        self.dar_head = (MLPClassifier(d, cfg.n_batches, cfg.n_cls_layers, nn.LeakyReLU, reverse_grad=True,
+                                       lambd=obj.dar_lambda) if obj.dar else None)
+        self.init_weights()
+
+    # ------------------------------------------------------------------------------------------
+    def init_weights(self) -> None:
+        """Explicit init: Linear ~ N(0, init_std), biases 0; gene embedding ~ U(+-range) with a zero
+        <pad> row (reference); other embeddings ~ N(0, init_std); norms weight 1, bias 0."""
+        cfg = self.cfg
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=cfg.init_std)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Embedding):
+                nn.init.normal_(m.weight, std=cfg.init_std)
+            elif isinstance(m, (nn.LayerNorm, nn.BatchNorm1d)):
+                if m.weight is not None:
+                    nn.init.ones_(m.weight)
+                    nn.init.zeros_(m.bias)
+        emb = self.gene_encoder.embedding
+        nn.init.uniform_(emb.weight, -cfg.embedding_init_range, cfg.embedding_init_range)
+        with torch.no_grad():
+            emb.weight[cfg.pad_id].zero_()
+
+    def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_embeddings:
+            n -= self.gene_encoder.embedding.weight.numel()
+        return n
+
+    def collate_backend(self) -> str:
+        """The batch layout this model's config asks for ("sdpa" or "flash")."""
+        return resolve_backend(self.cfg.attention_backend)
+
+    # ------------------------------------------------------------------------------------------
+    def gene_embeddings(self, ids: Tensor | None = None) -> Tensor:
+        """Gene token embeddings as the model uses them (after the gene LayerNorm), (n, D).
+
+        ``ids=None`` returns every vocabulary id (specials included, row = id)."""
+        dev = self.gene_encoder.embedding.weight.device
+        if ids is None:
+            ids = torch.arange(self.cfg.vocab_size, device=dev)
+        with torch.no_grad():
+            return self.gene_encoder(torch.as_tensor(ids, device=dev).long()).detach()
+
+    def _embed(self, batch: ModelBatch, cell_prompt: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Input embeddings (eq. 5), flat (N, D); also the gene embeddings (N, D) for GEPC."""
+        cfg = self.cfg
+        genes = batch.genes.reshape(-1)
+        tm = batch.token_mask.reshape(-1)
+        unk = batch.unknown.reshape(-1)
+        vals = batch.values.reshape(-1).float()
+        vals = torch.where(batch.masked.reshape(-1), torch.full_like(vals, cfg.mask_value), vals)
+        vals = torch.where((genes == CLS_ID) | ~tm, torch.full_like(vals, cfg.pad_value), vals)
+        g = self.gene_encoder(genes)  # (N, D)
+        v = self.value_encoder(vals)  # (N, D)
+        flag = self.flag_encoder.weight[1].to(v.dtype)
+        x = g + torch.where(unk.unsqueeze(-1), flag.expand_as(v), v)
+        if self.condition_encoder is not None:
+            if batch.condition is None:
+                raise ValueError("this model has a condition embedding (n_conditions > 0); the batch must carry "
+                                 "condition tokens (use collate_perturbation)")
+            x = x + self.condition_encoder(batch.condition.reshape(-1))
+        if self.dsbn is not None:
+            x = self.dsbn(x, self._require_batch_labels(batch)[batch.token_cell()], tm)
+        if cell_prompt is not None:
+            x = x.index_copy(0, batch.cls_index(), cell_prompt.to(x.dtype))
+        return self.input_dropout(x), g
+
+    def _require_batch_labels(self, batch: ModelBatch) -> Tensor:
+        if batch.batch_labels is None:
+            raise ValueError("this model uses batch labels (DSBN / DAR / batch embedding); pass batch_labels "
+                             "to the collate function")
+        return batch.batch_labels
+
+    def encode(self, batch: ModelBatch, cell_prompt: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """Transformer states: (hidden (N, D), cell_emb (B, D), gene embeddings (N, D))."""
+        if batch.layout == "packed" and batch.genes.device.type != "cuda":
+            raise ValueError("a packed (flash) batch needs the model on CUDA; collate with backend='sdpa' on CPU")
+        x, g = self._embed(batch, cell_prompt)
+        if batch.layout == "padded":
+            x = x.view(*batch.genes.shape, -1)  # (B, L, D)
+        meta = batch.attention_meta()
+        for layer in self.layers:
+            x = layer(x, meta)
+        if self.final_norm is not None:
+            x = self.final_norm(x)
+        h = x.reshape(-1, x.shape[-1])
+        return h, h.index_select(0, batch.cls_index()), g
+
+    # ------------------------------------------------------------------------------------------
+    def forward(self, batch: ModelBatch, *, cell_prompt: Tensor | None = None,
+                compute_loss: bool = True) -> ModelOutput:
+        cfg, obj = self.cfg, self.cfg.objectives
+        h, cell_emb, g = self.encode(batch, cell_prompt)
+        need_cell = None
+        head_in = h
+        if cfg.use_batch_labels or self.modality_encoder is not None:
+            extra = torch.zeros_like(h)
+            if cfg.use_batch_labels:
+                batch_emb = self.batch_encoder(self._require_batch_labels(batch))  # (B, D)
+                need_cell = batch.token_cell()
+                extra = extra + batch_emb.index_select(0, need_cell)
+            if self.modality_encoder is not None:
+                if batch.modality is None:
+                    raise ValueError("this model has modality tokens (n_modalities > 0); pass modality to the collate")
+                extra = extra + self.modality_encoder(batch.modality.reshape(-1))
+            head_in = torch.cat([h, extra], dim=-1)  # eq. 8
+        expr, zero_prob = self.expr_head(head_in)
+        out = ModelOutput(cell_emb=cell_emb, hidden=h, expr_pred=expr, zero_prob=zero_prob)
+        if expr.dim() == 2:
+            out.expr_logits, out.expr_pred = expr, expr.argmax(-1).to(h.dtype)
+        gepc_zero = None
+        if self.gepc_head is not None:
+            cell_in = cell_emb
+            if cfg.use_batch_labels:
+                cell_in = torch.cat([cell_emb, batch_emb], dim=-1)  # eq. 9
+            tc = need_cell if need_cell is not None else batch.token_cell()
+            out.gepc_pred, gepc_zero = self.gepc_head(g, cell_in.index_select(0, tc))
+        if self.cls_head is not None:
+            out.cls_logits = self.cls_head(cell_emb)
+        if self.dar_head is not None:
+            out.dar_logits = self.dar_head(cell_emb)
+        if compute_loss:
+            out.loss = self._losses(batch, out, gepc_zero)
+        return out
+
+    def _losses(self, batch: ModelBatch, out: ModelOutput, gepc_zero: Tensor | None) -> LossOutput:
+        obj = self.cfg.objectives
+        tgt = batch.targets.reshape(-1)
+        mask = batch.loss_mask.reshape(-1)
+        raw: dict[str, Tensor] = {}
+        w: dict[str, float] = {}
+        if obj.gep:
+            if out.expr_logits is not None:
+                raw["gep"] = masked_ce(out.expr_logits, tgt, mask)
+            else:
+                raw["gep"] = masked_mse(out.expr_pred, tgt, mask)
+            w["gep"] = obj.gep_weight
+            if out.zero_prob is not None:
+                raw["gep_zero"], w["gep_zero"] = masked_bernoulli_nll(out.zero_prob, tgt, mask), obj.zero_prob_weight
+        if out.gepc_pred is not None:
+            raw["gepc"], w["gepc"] = masked_mse(out.gepc_pred, tgt, mask), obj.gepc_weight
+            if gepc_zero is not None:
+                raw["gepc_zero"], w["gepc_zero"] = masked_bernoulli_nll(gepc_zero, tgt, mask), obj.zero_prob_weight
+        if obj.ecs:
+            raw["ecs"], w["ecs"] = ecs_loss(out.cell_emb, obj.ecs_beta, obj.ecs_style), obj.ecs_weight
+        if out.dar_logits is not None:
+            labels = self._require_batch_labels(batch)
+            raw["dar"] = nn.functional.cross_entropy(out.dar_logits.float(), labels)
+            w["dar"] = obj.dar_weight
+        if obj.cls and out.cls_logits is not None:
+            if batch.celltype_labels is None:
+                raise ValueError("the CLS objective is on; pass celltype_labels to the collate function")
+            raw["cls"] = nn.functional.cross_entropy(out.cls_logits.float(), batch.celltype_labels)
+            w["cls"] = obj.cls_weight
+        return LossOutput.from_terms(raw, w)
+
+    # ------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def embed_cells(self, batch: ModelBatch) -> Tensor:
+        """Cell embeddings (B, D): eval mode, no grad, every real gene known with its value."""
+        was_training = self.training
+        self.eval()
+        try:
+            _, cell_emb, _ = self.encode(batch.as_fully_known())
+        finally:
+            self.train(was_training)
+        return cell_emb
