@@ -112,6 +112,7 @@ class PreparedData:
     batch_key: str | None
     match: GeneMatch
     n_bins: int
+    seed: int = 0
 
     @property
     def n_cells(self) -> int:
@@ -138,8 +139,41 @@ class PreparedData:
         return np.log1p(X.toarray()).astype(np.float32)
 
     def subset(self, idx: np.ndarray) -> PreparedData:
+        """The same genes for a subset of cells (bins are per cell, so they carry over)."""
         idx = np.asarray(idx)
         return replace(self, counts=self.counts[idx], bins=self.bins[idx], obs=self.obs.iloc[idx])
+
+    def take_genes(self, cols: np.ndarray) -> PreparedData:
+        """A subset of the genes, re-binned: a cell's bins are quantiles over ITS genes."""
+        cols = np.asarray(cols, dtype=np.int64)
+        X = sp.csr_matrix(self.counts[:, cols])
+        X.sort_indices()
+        return replace(self, counts=X, bins=_bin(X, self.obs, self.n_bins, self.seed),
+                       token_ids=self.token_ids[cols], symbols=[self.symbols[j] for j in cols])
+
+
+def _bin(X: sp.csr_matrix, obs: pd.DataFrame, n_bins: int, seed: int) -> sp.csr_matrix:
+    from scgpt_model.binning import bin_csr
+
+    # a stable per-cell id (row in the source file) seeds the tie-breaking: a cell gets the same
+    # bins whatever subset of cells it is evaluated in
+    return sp.csr_matrix(bin_csr(X, obs["_row"].to_numpy(np.int64), n_bins=n_bins, seed=seed), dtype=np.float32)
+
+
+def align_genes(data: PreparedData, token_ids: np.ndarray, symbols: list[str]) -> PreparedData:
+    """Put ``data`` on exactly the gene list ``token_ids`` (missing genes are all-zero columns),
+    re-binned; used to score query cells on a model's fine-tuning gene set."""
+    pos = {int(t): j for j, t in enumerate(data.token_ids)}
+    src = np.asarray([pos.get(int(t), -1) for t in token_ids])
+    have = np.flatnonzero(src >= 0)
+    if have.size == 0:
+        raise EvalError(f"dataset {data.name} shares none of the model's {len(token_ids)} fine-tuning genes")
+    sel = sp.csr_matrix(data.counts[:, src[have]]).tocoo()
+    X = sp.csr_matrix((sel.data, (sel.row, have[sel.col])), shape=(data.n_cells, len(token_ids)), dtype=np.float32)
+    X.sort_indices()
+    log.info("%s: %d of %d fine-tuning genes present", data.name, have.size, len(token_ids))
+    return replace(data, counts=X, bins=_bin(X, data.obs, data.n_bins, data.seed),
+                   token_ids=np.asarray(token_ids, dtype=np.int64), symbols=list(symbols))
 
 
 def select_hvg(counts: sp.csr_matrix, n_top: int, batches: np.ndarray | None = None) -> np.ndarray:
@@ -172,8 +206,6 @@ def prepare(adata: ad.AnnData, vocab: GeneVocab, *, name: str, label_key: str | 
 
     ``extra_symbols``: genes kept even if not highly variable (gene-network query genes).
     """
-    from scgpt_model.binning import bin_csr
-
     check_counts(adata, name)
     check_obs_key(adata, label_key, "label", name)
     check_obs_key(adata, batch_key, "batch", name)
@@ -181,8 +213,6 @@ def prepare(adata: ad.AnnData, vocab: GeneVocab, *, name: str, label_key: str | 
     log.info("%s: %s", name, match.report())
 
     obs = adata.obs.copy()
-    # a stable per-cell id (row in the file) seeds the binning: a cell gets the same bins
-    # whatever subset it is evaluated in
     obs["_row"] = np.arange(adata.n_obs, dtype=np.int64)
     keep = np.ones(adata.n_obs, dtype=bool)
     if label_key is not None and require_labels:
@@ -209,12 +239,12 @@ def prepare(adata: ad.AnnData, vocab: GeneVocab, *, name: str, label_key: str | 
         raise EvalError(f"dataset {name}: no matched gene is expressed in the selected cells")
     X = sp.csr_matrix(X)
     X.sort_indices()
-    bins = bin_csr(X, obs["_row"].to_numpy(np.int64), n_bins=n_bins, seed=seed)
+    bins = _bin(X, obs, n_bins, seed)
     log.info("%s: %d cells x %d genes prepared (HVG target %s)", name, X.shape[0], X.shape[1],
              n_hvg or "all")
-    return PreparedData(name=name, counts=X, bins=sp.csr_matrix(bins, dtype=np.float32),
-                        token_ids=match.token_ids[cols], symbols=[match.symbols[j] for j in cols],
-                        obs=obs, label_key=label_key, batch_key=batch_key, match=match, n_bins=n_bins)
+    return PreparedData(name=name, counts=X, bins=bins, token_ids=match.token_ids[cols],
+                        symbols=[match.symbols[j] for j in cols], obs=obs, label_key=label_key,
+                        batch_key=batch_key, match=match, n_bins=n_bins, seed=seed)
 
 
 def stratified_split(labels: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -3,8 +3,8 @@
 The project's vocabularies are keyed by Ensembl id by default (``feature_id``); the official
 scGPT ones by symbol (``feature_name``). Datasets come either way: pbmc3k carries both
 (symbols as ``var_names``, Ensembl in ``var.gene_ids``), the symphony PBMCs only symbols.
-Symbols are mapped to Ensembl with the table in the shipped pbmc3k file (the 10x hg19 gene
-list, 32,738 genes), so a symbol-only dataset still reaches an Ensembl-keyed vocabulary.
+Symbols are mapped to Ensembl with the shipped hg19 table (``data/gene_symbols_hg19.tsv``:
+pbmc3k's 10x gene list plus current-HGNC aliases such as CXCL8), so a symbol-only dataset still reaches an Ensembl-keyed vocabulary.
 Unmatched genes are dropped and counted, never silently.
 """
 
@@ -41,12 +41,23 @@ def looks_ensembl(names) -> bool:
     return bool(names) and sum(bool(_ENSEMBL.match(n)) for n in names) > 0.8 * len(names)
 
 
+SYMBOL_TSV = DATA_DIR / "gene_symbols_hg19.tsv"  # shipped by ingest: symbol, Ensembl id, note
+
+
 @functools.lru_cache(maxsize=1)
 def symbol_table() -> dict[str, str]:
-    """symbol -> Ensembl id, from the shipped pbmc3k gene table (first occurrence wins)."""
-    path = DATA_DIR / "pbmc3k_counts_celltype.h5ad"
-    var = ad.read_h5ad(path, backed="r").var
+    """symbol -> Ensembl id: the shipped hg19 table (with current-HGNC aliases such as CXCL8),
+    else the pbmc3k gene list itself. First occurrence wins."""
     table: dict[str, str] = {}
+    if SYMBOL_TSV.exists():
+        for line in SYMBOL_TSV.read_text().splitlines():
+            if line.startswith("#") or line.startswith("feature_name\t"):
+                continue
+            parts = line.split("\t")
+            if len(parts) >= 2 and parts[0] and parts[1]:
+                table.setdefault(parts[0], parts[1])
+        return table
+    var = ad.read_h5ad(DATA_DIR / "pbmc3k_counts_celltype.h5ad", backed="r").var
     for sym, ens in zip(var.index.astype(str), var["gene_ids"].astype(str)):
         table.setdefault(sym, ens)
         # anndata makes duplicate symbols unique as SYMBOL-1; map the bare symbol too
@@ -60,9 +71,8 @@ def symbol_table() -> dict[str, str]:
 def ensembl_table() -> dict[str, str]:
     """Ensembl id -> symbol (the inverse of ``symbol_table``)."""
     inv: dict[str, str] = {}
-    for sym, ens in symbol_table().items():
-        if not re.search(r"-\d+$", sym) or ens not in inv:
-            inv.setdefault(ens, sym)
+    for sym, ens in symbol_table().items():  # hg19 symbols come before the aliases
+        inv.setdefault(ens, sym)
     return inv
 
 
