@@ -1,0 +1,258 @@
+"""Typed configuration of a pretraining run, its presets, and YAML loading.
+
+A run is one :class:`TrainConfig` with nested parts (model, data, optim, deepspeed, schedule,
+tracking, cluster). Presets are functions returning a config; a YAML file names a preset (or
+not) and overrides any field; unknown keys are refused with the list of known ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+import yaml
+
+from training.errors import TrainUsageError
+
+Precision = Literal["auto", "fp32", "bf16"]
+
+
+@dataclass(kw_only=True)
+class ModelSection:
+    preset: str = "debug"  # a scgpt_model preset name: debug | small | base
+    # Extra ModelConfig fields for get_preset(preset, vocab_size, **overrides), e.g. {"dropout": 0.0}.
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    shards: str = ""  # output folder of `ingest census` (vocab.json, manifest.json, shards/)
+    batch_size: int = 32  # cells per worker per micro-batch (the reference used 32 per GPU)
+    # Length bucketing: cells of this many consecutive micro-batches are sorted by length and
+    # re-cut, so a batch holds cells of similar length (padding stays small) while the order
+    # between windows stays shuffled. 32 batches of 32 cells keeps padding near 5% on Census.
+    bucket_window: int = 32
+    unknown_ratios: tuple[float, ...] = (0.25, 0.5, 0.75)  # paper §4.3.2
+    max_train_cells: int | None = None  # quick runs: the first N training cells (by shuffled order of epoch 0)
+    val_max_cells: int = 1024  # validation cells scored at each validation (a fixed subset)
+    prefetch_batches: int = 4  # batches collated ahead by a background thread
+    record_seen: bool = False  # audit: each rank writes the soma_joinids it trained on per epoch
+
+
+@dataclass(kw_only=True)
+class OptimConfig:
+    lr: float = 1e-4  # paper §4.3.2 / reference pretraining
+    weight_decay: float = 0.0  # the reference used plain Adam
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    warmup_steps: int = 100  # linear warmup (optimizer steps), then cosine decay
+    min_lr_ratio: float = 0.1  # decay floor as a fraction of lr
+    grad_clip: float = 1.0  # global grad-norm clipping, done by DeepSpeed
+    grad_accum: int = 1  # micro-batches per optimizer step (DeepSpeed gradient_accumulation_steps)
+
+
+@dataclass(kw_only=True)
+class DeepSpeedSection:
+    zero_stage: int = 2  # 1: optimizer states, 2: + gradients, 3: + parameters sharded
+    precision: Precision = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    # torch: torch.optim.AdamW (no compiled ops; works everywhere). cpu_adam / fused_adam build
+    # DeepSpeed's ops with ninja into TORCH_EXTENSIONS_DIR on first use.
+    optimizer: Literal["torch", "cpu_adam", "fused_adam"] = "torch"
+    offload_optimizer: bool = False  # ZeRO-Offload of optimizer states to CPU (with cpu_adam)
+
+
+@dataclass(kw_only=True)
+class ScheduleConfig:
+    epochs: int = 1
+    max_steps: int | None = None  # optimizer steps; stops early when reached
+    checkpoint_every: int = 200  # optimizer steps between checkpoints (plus one at the end)
+    val_every: int = 200  # optimizer steps between validation losses (plus one at the end)
+    seed: int = 0  # data order, masking, dropout and init all derive from it
+    step_sleep_s: float = 0.0  # testing aid: sleep after each step so a kill lands mid-run
+
+
+@dataclass(kw_only=True)
+class TrackingConfig:
+    tracking_uri: str | None = None  # default: MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db
+    experiment: str = "scgpt-pretrain"
+    model_name: str = "scgpt-debug"  # registered model name: models:/<model_name>/<version>
+    register: bool = True
+
+
+@dataclass(kw_only=True)
+class ClusterConfig:
+    num_workers: int = 2
+    use_gpu: bool = False
+    ray_address: str | None = None  # None: start a local Ray on loopback
+    cpus_per_worker: float = 1.0
+    storage_path: str = "runs/train"  # Ray Train storage (checkpoints); shared FS or s3:// on clusters
+    run_name: str | None = None  # default: <model_name>-<UTC timestamp>
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        cfg = cls()
+        apply_overrides(cfg, d, where="config")
+        return cfg
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted keys -> values (for MLflow params)."""
+        out: dict[str, Any] = {}
+        for sec, vals in self.to_dict().items():
+            for k, v in vals.items():
+                if isinstance(v, dict):
+                    for k2, v2 in v.items():
+                        out[f"{sec}.{k}.{k2}"] = v2
+                else:
+                    out[f"{sec}.{k}"] = v
+        return out
+
+
+# presets ------------------------------------------------------------------------------------
+def debug() -> TrainConfig:
+    """Seconds on a laptop CPU: tiny model, small batches, frequent checkpoints."""
+    cfg = TrainConfig()
+    cfg.model.preset = "debug"
+    cfg.data.batch_size = 16
+    cfg.data.bucket_window = 8
+    cfg.data.val_max_cells = 128
+    cfg.optim.lr = 1e-3  # a tiny model tolerates (and needs, for a visible drop in a few steps) more
+    cfg.optim.warmup_steps = 2
+    cfg.schedule.checkpoint_every = 20
+    cfg.schedule.val_every = 20
+    cfg.tracking.model_name = "scgpt-debug"
+    return cfg
+
+
+def small() -> TrainConfig:
+    """Minutes on CPU, the benchmark workload."""
+    cfg = TrainConfig()
+    cfg.model.preset = "small"
+    cfg.data.batch_size = 32
+    cfg.optim.lr = 3e-4
+    cfg.optim.warmup_steps = 50
+    cfg.tracking.model_name = "scgpt-small"
+    return cfg
+
+
+def base() -> TrainConfig:
+    """The paper's whole-human setting (51M params, 1200 genes/cell): GPU, bf16, ZeRO-2."""
+    cfg = TrainConfig()
+    cfg.model.preset = "base"
+    cfg.data.batch_size = 32
+    cfg.optim.lr = 1e-4
+    cfg.optim.warmup_steps = 1000
+    cfg.schedule.epochs = 6  # paper §4.3.2: 6 epochs over 33M cells
+    cfg.schedule.checkpoint_every = 2000
+    cfg.schedule.val_every = 2000
+    cfg.tracking.model_name = "scgpt-base"
+    return cfg
+
+
+PRESETS: dict[str, Callable[[], TrainConfig]] = {"debug": debug, "small": small, "base": base}
+
+
+# overrides and YAML ---------------------------------------------------------------------------
+def _known_keys(obj: Any, prefix: str = "") -> list[str]:
+    keys = []
+    for f in dataclasses.fields(obj):
+        v = getattr(obj, f.name)
+        if dataclasses.is_dataclass(v):
+            keys += _known_keys(v, f"{prefix}{f.name}.")
+        else:
+            keys.append(f"{prefix}{f.name}")
+    return keys
+
+
+def _coerce(value: Any, current: Any, key: str, where: str) -> Any:
+    if isinstance(current, tuple) and isinstance(value, list):
+        return tuple(value)
+    if isinstance(current, bool) and not isinstance(value, bool):
+        raise TrainUsageError(f"{where}: '{key}' must be true or false, got {value!r}")
+    if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    return value
+
+
+def apply_overrides(obj: Any, values: dict[str, Any], *, where: str, prefix: str = "") -> None:
+    """Set nested dataclass fields from a (nested) dict; unknown keys raise TrainUsageError."""
+    names = {f.name for f in dataclasses.fields(obj)}
+    for key, value in values.items():
+        dotted = f"{prefix}{key}"
+        if key not in names:
+            raise TrainUsageError(
+                f"{where}: unknown config key '{dotted}'. Known keys: {', '.join(_known_keys(obj, prefix))}"
+            )
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise TrainUsageError(f"{where}: '{dotted}' must be a mapping of its fields, got {value!r}")
+            apply_overrides(current, value, where=where, prefix=f"{dotted}.")
+        else:
+            setattr(obj, key, _coerce(value, current, dotted, where))
+
+
+def load_config(spec: str) -> TrainConfig:
+    """A preset name (``debug``/``small``/``base``) or a YAML file (optionally ``preset: <name>``)."""
+    if spec in PRESETS:
+        return PRESETS[spec]()
+    path = Path(spec)
+    if not path.suffix.lower() in (".yaml", ".yml", ".json") or not path.exists():
+        raise TrainUsageError(
+            f"--config {spec!r} is neither a preset ({', '.join(PRESETS)}) nor an existing YAML file"
+        )
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise TrainUsageError(f"config file {path} is not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise TrainUsageError(f"config file {path} must hold a mapping of sections, got {type(data).__name__}")
+    preset = data.pop("preset", None)
+    if preset is not None and preset not in PRESETS:
+        raise TrainUsageError(f"config file {path}: unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    cfg = PRESETS[preset]() if preset else TrainConfig()
+    apply_overrides(cfg, data, where=f"config file {path}")
+    return cfg
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Range checks that do not need the data or the cluster."""
+    problems = []
+    if cfg.deepspeed.zero_stage not in (1, 2, 3):
+        problems.append(f"deepspeed.zero_stage must be 1, 2 or 3 (got {cfg.deepspeed.zero_stage})")
+    if cfg.deepspeed.precision not in ("auto", "fp32", "bf16"):
+        problems.append(f"deepspeed.precision must be auto, fp32 or bf16 (got {cfg.deepspeed.precision!r})")
+    if cfg.deepspeed.optimizer not in ("torch", "cpu_adam", "fused_adam"):
+        problems.append(f"deepspeed.optimizer must be torch, cpu_adam or fused_adam (got {cfg.deepspeed.optimizer!r})")
+    for name, v in (("data.batch_size", cfg.data.batch_size), ("optim.grad_accum", cfg.optim.grad_accum),
+                    ("schedule.epochs", cfg.schedule.epochs), ("cluster.num_workers", cfg.cluster.num_workers),
+                    ("schedule.checkpoint_every", cfg.schedule.checkpoint_every),
+                    ("schedule.val_every", cfg.schedule.val_every), ("data.bucket_window", cfg.data.bucket_window)):
+        if not isinstance(v, int) or v < 1:
+            problems.append(f"{name} must be a positive integer (got {v!r})")
+    if cfg.schedule.max_steps is not None and cfg.schedule.max_steps < 1:
+        problems.append(f"schedule.max_steps must be >= 1 (got {cfg.schedule.max_steps})")
+    if not cfg.optim.lr > 0:
+        problems.append(f"optim.lr must be > 0 (got {cfg.optim.lr})")
+    if not all(0 < r < 1 for r in cfg.data.unknown_ratios):
+        problems.append(f"data.unknown_ratios must lie in (0, 1) (got {cfg.data.unknown_ratios})")
+    if cfg.deepspeed.precision == "bf16" and cfg.deepspeed.optimizer == "fused_adam" and not cfg.cluster.use_gpu:
+        problems.append("deepspeed.optimizer fused_adam needs --use-gpu; use 'torch' or 'cpu_adam' on CPU")
+    if problems:
+        raise TrainUsageError("invalid config: " + "; ".join(problems))
