@@ -1,0 +1,69 @@
+"""Run tasks as MLflow runs linked to the model version; the suite nests them under one parent.
+
+Every input is checked (``tasks.plan``) before a run is opened, so bad input leaves nothing
+behind; a run that fails anyway is deleted rather than left half-written.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+
+from eval import tasks
+from eval.api import ScGPTModel
+from eval.report import TaskResult
+from eval.tracking import eval_run, log_result
+
+log = logging.getLogger(__name__)
+
+
+def _run_logged(p: tasks.Plan, model: ScGPTModel, opts: tasks.EvalOptions, tracking_uri: str,
+                out: Path | None, nested: bool) -> TaskResult:
+    import mlflow
+
+    with tempfile.TemporaryDirectory(prefix="scgpt-eval-") as tmp:
+        outdir = (out if out is not None else Path(tmp)) / f"{p.task}_{p.dataset}"
+        with eval_run(tracking_uri, f"{p.task}:{p.dataset}", model.info, nested=nested,
+                      extra_tags={"eval_task": p.task, "eval_dataset": p.dataset}) as run_id:
+            try:
+                res = tasks.run(p, model, opts, outdir)
+                log_result(res, outdir, model.info, tracking_uri)
+            except BaseException:
+                mlflow.end_run(status="FAILED")
+                mlflow.MlflowClient(tracking_uri=tracking_uri).delete_run(run_id)
+                raise
+        res.params["mlflow_run_id"] = run_id
+    return res
+
+
+def evaluate(model: ScGPTModel, task: str, dataset: str, opts: tasks.EvalOptions, *, tracking_uri: str,
+             out: Path | None = None) -> TaskResult:
+    """One task on one dataset, logged as one MLflow run."""
+    p = tasks.plan(task, model, dataset, opts)
+    return _run_logged(p, model, opts, tracking_uri, out, nested=False)
+
+
+def evaluate_suite(model: ScGPTModel, opts: tasks.EvalOptions, *, tracking_uri: str, out: Path | None = None,
+                   suite: tuple[tuple[str, str], ...] = tasks.SUITE) -> tuple[str, list[TaskResult]]:
+    """Every task on its default datasets: a parent run with one nested run per (task, dataset).
+
+    Returns (parent run id, results)."""
+    import mlflow
+
+    plans = [tasks.plan(t, model, d, opts) for t, d in suite]  # all inputs checked up front
+    results: list[TaskResult] = []
+    with eval_run(tracking_uri, "suite", model.info, extra_tags={"eval_task": "suite"}) as parent:
+        try:
+            for i, p in enumerate(plans, 1):
+                log.info("suite %d/%d: %s on %s", i, len(plans), p.task, p.dataset)
+                results.append(_run_logged(p, model, opts, tracking_uri, out, nested=True))
+            mlflow.log_metric("suite_wall_s", sum(r.wall_s for r in results))
+            from eval.report import combine_markdown
+
+            mlflow.log_text(combine_markdown(results) + "\n", "scores_suite.md")
+        except BaseException:
+            mlflow.end_run(status="FAILED")
+            mlflow.MlflowClient(tracking_uri=tracking_uri).delete_run(parent)
+            raise
+    return parent, results

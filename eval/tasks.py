@@ -1,0 +1,270 @@
+"""The four evaluation tasks. Each is two steps:
+
+``plan_*`` loads the dataset and checks every user input (keys, counts, genes, batches) and
+raises ``EvalError`` before anything is logged; ``run_*`` fine-tunes or embeds, scores the model
+and its baselines on the same split, and returns a ``TaskResult`` (score table + artifacts).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from eval import baselines, genenet, metrics, plots
+from eval.api import DEFAULT_HVG, ScGPTModel
+from eval.data import PreparedData, batch_split, load_dataset, select_hvg, stratified_split
+from eval.errors import EvalError
+from eval.finetune import FineTuneConfig, embed_fixed_genes, fine_tune, predict_labels
+from eval.report import TaskResult
+
+log = logging.getLogger(__name__)
+
+TASKS = ("annotation", "integration", "zero-shot", "gene-network")
+# `evaluate suite`: every task on its default datasets (paper-like choices, all shipped)
+SUITE: tuple[tuple[str, str], ...] = (
+    ("annotation", "pbmc3k"), ("annotation", "symphony"), ("integration", "symphony"),
+    ("zero-shot", "symphony"), ("zero-shot", "pbmc3k"), ("gene-network", "pbmc3k"))
+MODEL, RANDOM = "scGPT", "scGPT random init"
+
+
+@dataclass(kw_only=True)
+class EvalOptions:
+    epochs: int = 30  # §4.8 fine-tuning epochs
+    batch_size: int = 32  # §4.8
+    n_hvg: int | None = None  # None: the task's paper default (3,000 annotation, 1,200 integration)
+    max_cells: int = 0  # 0: all cells; >0 subsamples (seeded) for quick runs
+    seed: int = 0
+    label_key: str | None = None  # None: the shipped dataset's default
+    batch_key: str | None = None
+    query_batches: tuple[str, ...] = ()  # annotation / zero-shot: batches held out as the query
+    query_fraction: float = 0.2  # stratified query share when there are no query batches
+    knn_k: int = 10
+    network_threshold: float = 0.4  # §4.7: 0.4 (CD antigens); 0.5 for HLA
+    query_gene: str = "CD8A"  # §4.7
+    random_init: bool = True  # also score the same architecture from random weights
+    plots: bool = True
+    device: str = "cpu"
+    resolutions: tuple[float, ...] = metrics.RESOLUTIONS
+
+
+@dataclass
+class Plan:
+    task: str
+    dataset: str
+    data: PreparedData
+    query_batches: tuple[str, ...] = ()
+    params: dict = field(default_factory=dict)
+
+
+def _keys(adata, meta, opts: EvalOptions, name: str, *, need_label: bool, need_batch: bool):
+    label = opts.label_key or (meta.label_key if meta else None)
+    batch = opts.batch_key or (meta.batch_key if meta else None)
+    cols = ", ".join(map(str, adata.obs.columns)) or "(none)"
+    if need_label and label is None:
+        raise EvalError(f"dataset {name} needs a cell-type label column: pass --label-key (obs columns: {cols})")
+    if need_batch and batch is None:
+        raise EvalError(f"dataset {name} needs a batch column for this task: pass --batch-key (obs columns: {cols})")
+    return label, batch
+
+
+def plan(task: str, model: ScGPTModel, dataset: str, opts: EvalOptions) -> Plan:
+    """Load and check everything for one task; raises ``EvalError`` on bad input."""
+    if task not in TASKS:
+        raise EvalError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
+    name, adata, meta = load_dataset(dataset)
+    need_batch = task == "integration"
+    label, batch = _keys(adata, meta, opts, name, need_label=True, need_batch=need_batch)
+    if task == "gene-network":
+        n_hvg = opts.n_hvg if opts.n_hvg is not None else DEFAULT_HVG["integration"]
+        extra = tuple(s for s in adata.var_names.astype(str) if s.startswith("HLA-")) + (opts.query_gene,)
+        data = model.prepare(adata, name=name, label_key=label, batch_key=None, n_hvg=n_hvg,
+                             max_cells=opts.max_cells, seed=opts.seed, require_labels=False)
+        if extra:
+            full = model.prepare(adata, name=name, label_key=label, batch_key=None, n_hvg=0,
+                                 max_cells=opts.max_cells, seed=opts.seed, require_labels=False)
+            keep = set(data.token_ids.tolist()) | {int(t) for t, s in zip(full.token_ids, full.symbols)
+                                                   if s in set(extra)}
+            data = full.take_genes(np.flatnonzero(np.isin(full.token_ids, list(keep))))
+        return Plan(task, name, data, params={"n_hvg_target": n_hvg})
+    data = model.prepare(adata, name=name, label_key=label, batch_key=batch,
+                         n_hvg=(opts.n_hvg or DEFAULT_HVG["integration"]) if task == "integration" else 0,
+                         max_cells=opts.max_cells, seed=opts.seed)
+    if task == "integration" and len(set(data.batches)) < 2:
+        raise EvalError(f"integration needs at least 2 batches; {name}.obs[{batch!r}] has only "
+                        f"{sorted(set(data.batches))}. Pick a dataset with several batches or another --batch-key")
+    qb = tuple(opts.query_batches) or (meta.query_batches if meta and batch == meta.batch_key else ())
+    if qb and batch is not None:
+        missing = sorted(set(qb) - set(data.batches))
+        if missing:
+            raise EvalError(f"query batches {missing} are not in {name}.obs[{batch!r}]; batches: "
+                            f"{sorted(set(data.batches))}")
+    return Plan(task, name, data, query_batches=qb if batch is not None else (),
+                params={"n_hvg_target": opts.n_hvg or DEFAULT_HVG.get(task, 0)})
+
+
+def _split(p: Plan, opts: EvalOptions) -> tuple[np.ndarray, np.ndarray, str]:
+    if p.query_batches:
+        ref, qry = batch_split(p.data.batches, p.query_batches)
+        return ref, qry, f"query = batches {list(p.query_batches)}"
+    ref, qry = stratified_split(p.data.labels, opts.query_fraction, opts.seed)
+    return ref, qry, f"stratified {int(100 * opts.query_fraction)}% query"
+
+
+def _base_params(p: Plan, opts: EvalOptions, model: ScGPTModel) -> dict:
+    return {"task": p.task, "dataset": p.dataset, "n_cells": p.data.n_cells, "gene_match": p.data.match.report(),
+            "genes_matched": p.data.match.n_matched, "seed": opts.seed, "max_cells": opts.max_cells,
+            "model_d_model": model.config.d_model, "model_n_layers": model.config.n_layers, **p.params}
+
+
+def run_annotation(p: Plan, model: ScGPTModel, opts: EvalOptions, outdir: Path) -> TaskResult:
+    """CLS fine-tuning on the reference, scored on the held-out query (§2.3, §4.5)."""
+    ref_i, qry_i, how = _split(p, opts)
+    n_hvg = opts.n_hvg or DEFAULT_HVG["annotation"]
+    ref_all = p.data.subset(ref_i)
+    cols = select_hvg(ref_all.counts, n_hvg)  # HVGs from the reference only: no query leakage
+    ref, qry = ref_all.take_genes(cols), p.data.subset(qry_i).take_genes(cols)
+    y_q = qry.labels
+    ft = FineTuneConfig(task="annotation", epochs=opts.epochs, batch_size=opts.batch_size, seed=opts.seed,
+                        device=opts.device)
+    rows, hist, arts = {}, {}, []
+    variants = [(MODEL, model.model)] + ([(RANDOM, None)] if opts.random_init else [])
+    for label, init in variants:
+        res = fine_tune(init, model.config, ref, ft, name=f"{p.dataset}/{label}")
+        pred = predict_labels(res.model, qry, res.classes, device=opts.device)
+        rows[label] = metrics.classification_scores(y_q, pred)
+        hist[label] = res.best_epoch
+        cm = metrics.normalized_confusion(y_q, pred)
+        slug = "model" if init is not None else "random_init"
+        cm.to_csv(outdir / f"confusion_{p.dataset}_{slug}.csv")
+        arts.append(outdir / f"confusion_{p.dataset}_{slug}.csv")
+        if opts.plots and init is not None:
+            arts.append(plots.plot_confusion(cm, outdir / f"confusion_{p.dataset}.png",
+                                             f"{label} on {p.dataset} query (rows: true type)"))
+    pred = baselines.logreg_annotation(ref.lognorm(), ref.labels, qry.lognorm(), seed=opts.seed)
+    rows["logreg on PCA"] = metrics.classification_scores(y_q, pred)
+    params = {**_base_params(p, opts, model), "split": how, "n_reference": ref.n_cells, "n_query": qry.n_cells,
+              "n_genes": ref.n_genes, "epochs": opts.epochs, "best_epoch": hist.get(MODEL),
+              "best_epoch_random_init": hist.get(RANDOM)}
+    return TaskResult("annotation", p.dataset, pd.DataFrame(rows).T, params, arts)
+
+
+def _umap(emb, data: PreparedData, outdir: Path, slug: str, title: str, opts: EvalOptions) -> list[Path]:
+    if not opts.plots:
+        return []
+    return [plots.plot_umap(emb, data.labels, data.batches, outdir / f"umap_{slug}.png", title, seed=opts.seed)]
+
+
+def _embedding_baselines(data: PreparedData, opts: EvalOptions) -> dict[str, np.ndarray]:
+    """PCA of log-normalized HVGs, and Harmony on it when there are batches."""
+    n_hvg = opts.n_hvg or DEFAULT_HVG["integration"]
+    cols = select_hvg(data.counts, n_hvg, data.batches)
+    pcs = baselines.pca_embedding(data.take_genes(cols).lognorm() if cols.size < data.n_genes else data.lognorm(),
+                                  seed=opts.seed)
+    out = {"PCA": pcs}
+    if data.batches is not None and len(set(data.batches)) >= 2:
+        out["Harmony"] = baselines.harmony_embedding(pcs, data.batches, seed=opts.seed)
+    return out
+
+
+def run_integration(p: Plan, model: ScGPTModel, opts: EvalOptions, outdir: Path) -> TaskResult:
+    """GEP+GEPC+ECS+DAR+DSBN fine-tuning on all cells, scib scores of the embedding (§2.2)."""
+    d = p.data
+    ft = FineTuneConfig(task="integration", epochs=opts.epochs, batch_size=opts.batch_size, seed=opts.seed,
+                        device=opts.device)
+    rows, arts, best = {}, [], {}
+    variants = [(MODEL, model.model)] + ([(RANDOM, None)] if opts.random_init else [])
+    for label, init in variants:
+        res = fine_tune(init, model.config, d, ft, name=f"{p.dataset}/{label}")
+        emb = embed_fixed_genes(res.model, d, batch_names=res.batches, device=opts.device)
+        rows[label] = metrics.integration_scores(emb, d.labels, d.batches, seed=opts.seed,
+                                                 resolutions=opts.resolutions)
+        best[label] = res.best_epoch
+        if init is not None:
+            arts += _umap(emb, d, outdir, f"{p.dataset}_integration", f"{label} fine-tuned", opts)
+    for label, emb in _embedding_baselines(d, opts).items():
+        rows[label] = metrics.integration_scores(emb, d.labels, d.batches, seed=opts.seed,
+                                                 resolutions=opts.resolutions)
+        if label == "PCA":
+            arts += _umap(emb, d, outdir, f"{p.dataset}_pca", "PCA", opts)
+    params = {**_base_params(p, opts, model), "n_genes": d.n_genes, "n_batches": len(set(d.batches)),
+              "epochs": opts.epochs, "best_epoch": best.get(MODEL), "best_epoch_random_init": best.get(RANDOM)}
+    return TaskResult("integration", p.dataset, pd.DataFrame(rows).T, params, arts)
+
+
+def run_zero_shot(p: Plan, model: ScGPTModel, opts: EvalOptions, outdir: Path) -> TaskResult:
+    """Embeddings of the pretrained model, no fine-tuning: scib scores and kNN reference mapping."""
+    d = p.data
+    ref_i, qry_i, how = _split(p, opts)
+    embs = {MODEL: model.embed_cells(d, seed=opts.seed)}
+    if opts.random_init:
+        embs[RANDOM] = model.random_init(opts.seed).embed_cells(d, seed=opts.seed)
+    embs.update(_embedding_baselines(d, opts))
+    rows, arts = {}, []
+    for label, emb in embs.items():
+        s = metrics.integration_scores(emb, d.labels, d.batches, seed=opts.seed, resolutions=opts.resolutions)
+        pred = metrics.knn_transfer(emb[ref_i], d.labels[ref_i], emb[qry_i], k=opts.knn_k)
+        c = metrics.classification_scores(d.labels[qry_i], pred)
+        s["knn_accuracy"], s["knn_macro_f1"] = c["accuracy"], c["macro_f1"]
+        rows[label] = s
+    arts += _umap(embs[MODEL], d, outdir, f"{p.dataset}_zero_shot", f"{MODEL} zero-shot", opts)
+    params = {**_base_params(p, opts, model), "split": how, "n_reference": int(ref_i.size),
+              "n_query": int(qry_i.size), "n_genes": d.n_genes, "knn_k": opts.knn_k}
+    return TaskResult("zero-shot", p.dataset, pd.DataFrame(rows).T, params, arts)
+
+
+def run_gene_network(p: Plan, model: ScGPTModel, opts: EvalOptions, outdir: Path) -> TaskResult:
+    """Gene-embedding networks vs Reactome (§2.6, §4.7), beside a co-expression network."""
+    d = p.data
+    pw = genenet.load_gmt()
+    keep = np.asarray([bool(s) for s in d.symbols])  # Reactome is keyed by symbol
+    genes = [s for s in d.symbols if s]
+    ids = d.token_ids[keep]
+    sims = {MODEL: genenet.cosine_similarity(model.model.gene_embeddings(ids).float().cpu().numpy())}
+    if opts.random_init:
+        rnd = model.random_init(opts.seed).model
+        sims[RANDOM] = genenet.cosine_similarity(rnd.gene_embeddings(ids).float().cpu().numpy())
+    sims["co-expression"] = baselines.coexpression_similarity(d.lognorm()[:, keep])
+    rows, arts = {}, []
+    for label, sim in sims.items():
+        scores, progs = genenet.network_scores(sim, genes, pw, threshold=opts.network_threshold,
+                                               query=opts.query_gene, seed=opts.seed)
+        rows[label] = scores
+        slug = {MODEL: "model", RANDOM: "random_init"}.get(label, "coexpression")
+        path = outdir / f"gene_programs_{p.dataset}_{slug}.csv"
+        pd.DataFrame({"program": [i for i, pr in enumerate(progs) for _ in pr],
+                      "gene": [genes[j] for pr in progs for j in pr]}).to_csv(path, index=False)
+        arts.append(path)
+    if opts.plots:
+        hla = sorted(g for g in genes if g.startswith("HLA-"))
+        nb = genenet.neighbours(sims[MODEL], genes, opts.query_gene, 10) if opts.query_gene in genes else []
+        focus = hla + [g for g in nb if g not in hla]
+        arts.append(plots.plot_gene_network(sims[MODEL], genes, focus, opts.network_threshold,
+                                            outdir / f"gene_network_{p.dataset}.png",
+                                            f"{MODEL} gene embeddings: HLA genes and {opts.query_gene}'s neighbours"))
+        (outdir / f"{opts.query_gene}_neighbours_{p.dataset}.txt").write_text("\n".join(nb) + "\n")
+        arts.append(outdir / f"{opts.query_gene}_neighbours_{p.dataset}.txt")
+    params = {**_base_params(p, opts, model), "n_genes": len(genes), "threshold": opts.network_threshold,
+              "query_gene": opts.query_gene, "reactome": genenet.REACTOME_GMT.name}
+    return TaskResult("gene-network", p.dataset, pd.DataFrame(rows).T, params, arts)
+
+
+RUNNERS = {"annotation": run_annotation, "integration": run_integration, "zero-shot": run_zero_shot,
+           "gene-network": run_gene_network}
+
+
+def run(p: Plan, model: ScGPTModel, opts: EvalOptions, outdir: Path) -> TaskResult:
+    t0 = time.perf_counter()
+    outdir.mkdir(parents=True, exist_ok=True)
+    log.info("evaluating %s on %s (%d cells x %d genes)", p.task, p.dataset, p.data.n_cells, p.data.n_genes)
+    res = RUNNERS[p.task](p, model, opts, outdir)
+    res.wall_s = time.perf_counter() - t0
+    res.params["wall_s"] = round(res.wall_s, 2)
+    bad = res.out_of_range()
+    if bad:  # a metric outside its definition's range is a bug, not a result
+        raise AssertionError(f"scores out of range in {p.task}/{p.dataset}: {bad}")
+    return res
