@@ -1,0 +1,131 @@
+"""The `ingest` command: census, build-census, synth-census, build-demo, validate.
+
+Bad input exits with code 2 and one message naming the fix (SPEC §7).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+from ingest.errors import USAGE_EXIT_CODE, IngestError
+
+log = logging.getLogger("ingest")
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="ingest", description="CELLxGENE Census -> binned Parquet shards for scGPT")
+    ap.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    c = sub.add_parser("census", help="query a Census (public or local) and write binned shards")
+    src = c.add_argument_group("source")
+    src.add_argument("--census-uri", help="a local Census copy or a store from build-census/build-demo")
+    src.add_argument("--census-version", default="stable", help="public Census release (default: stable); "
+                     "ignored when --census-uri is given")
+    src.add_argument("--organism", default="Homo sapiens")
+    q = c.add_argument_group("query")
+    q.add_argument("--tissue", action="append", default=[], help="tissue_general value; repeat for several (OR)")
+    q.add_argument("--disease", action="append", default=[], help="disease value; repeatable (OR)")
+    q.add_argument("--assay", action="append", default=[], help="assay value; repeatable (OR)")
+    q.add_argument("--obs-filter", action="append", default=[],
+                   help="raw SOMA value filter, ANDed with the rest; repeatable")
+    q.add_argument("--include-non-primary", action="store_true",
+                   help="also take is_primary_data == False cells (duplicates of cells in other datasets)")
+    q.add_argument("--min-genes", type=int, default=1, help="minimum nonzero genes (in the vocabulary) per cell")
+    q.add_argument("--max-cells", type=int, default=None, help="a seeded sample of this many cells (quick runs)")
+    t = c.add_argument_group("tokens")
+    t.add_argument("--n-bins", type=int, default=51)
+    t.add_argument("--vocab", help="reuse this vocab.json (ours or an official scGPT one)")
+    t.add_argument("--gene-key", choices=["feature_id", "feature_name"], default=None,
+                   help="match genes by Ensembl id (default) or symbol")
+    o = c.add_argument_group("output and execution")
+    o.add_argument("--out", required=True, help="shard directory (created; re-run with same args to resume)")
+    o.add_argument("--cells-per-shard", type=int, default=10_000)
+    o.add_argument("--seed", type=int, default=0)
+    o.add_argument("--val-fraction", type=float, default=0.03)
+    o.add_argument("--ray-address", default=None, help="an existing Ray cluster (default: start a local one)")
+    o.add_argument("--num-cpus", type=int, default=None, help="CPUs for the local Ray (default: all)")
+
+    b = sub.add_parser("build-census", help="write a Census-layout store from .h5ad files")
+    b.add_argument("--h5ad", action="append", required=True, help="an AnnData file with raw counts; repeatable")
+    b.add_argument("--out", required=True)
+    b.add_argument("--layer", default=None, help="take counts from this layer instead of X")
+    b.add_argument("--set", action="append", default=[], metavar="COLUMN=VALUE",
+                   help="value for a Census obs column the sources lack, e.g. --set tissue_general=blood")
+    b.add_argument("--organism", default="Homo sapiens")
+
+    s = sub.add_parser("synth-census", help="write a synthetic Census-layout store (scale tests)")
+    s.add_argument("--cells", type=int, required=True)
+    s.add_argument("--genes", type=int, default=20_000)
+    s.add_argument("--mean-genes", type=float, default=1500.0, help="median genes detected per cell")
+    s.add_argument("--chunk-cells", type=int, default=5000)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out", required=True)
+
+    d = sub.add_parser("build-demo", help="write the demo atlas (real PBMCs + synthetic lung/brain cells)")
+    d.add_argument("--out", required=True)
+
+    v = sub.add_parser("validate", help="re-check a shard set against its manifest")
+    v.add_argument("path")
+    v.add_argument("--no-checksums", action="store_true", help="skip sha256 (faster on large sets)")
+    return ap
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.cmd == "census":
+        from ingest.query import IngestConfig
+        from ingest.run import run_ingest
+
+        cfg = IngestConfig(out=args.out, census_uri=args.census_uri, census_version=args.census_version,
+                           organism=args.organism, tissues=tuple(args.tissue), diseases=tuple(args.disease),
+                           assays=tuple(args.assay), obs_filters=tuple(args.obs_filter),
+                           include_non_primary=args.include_non_primary, min_genes=args.min_genes,
+                           n_bins=args.n_bins, vocab=args.vocab, gene_key=args.gene_key,
+                           cells_per_shard=args.cells_per_shard, max_cells=args.max_cells, seed=args.seed,
+                           val_fraction=args.val_fraction, ray_address=args.ray_address, num_cpus=args.num_cpus)
+        m = run_ingest(cfg)
+        print(json.dumps({"out": args.out, "cells": m["totals"]["cells"], "shards": len(m["shards"]),
+                          "n_val": m["totals"]["n_val"], "manifest_hash": m["manifest_hash"]}))
+    elif args.cmd == "build-census":
+        from ingest.build_census import build_census, parse_set_values
+
+        build_census(args.h5ad, args.out, set_values=parse_set_values(args.set), layer=args.layer,
+                     organism=args.organism)
+        print(json.dumps({"out": args.out}))
+    elif args.cmd == "synth-census":
+        from ingest.synth import SynthConfig, synth_census
+
+        synth_census(args.out, SynthConfig(n_cells=args.cells, n_genes=args.genes, mean_genes=args.mean_genes,
+                                           chunk_cells=args.chunk_cells, seed=args.seed))
+        print(json.dumps({"out": args.out}))
+    elif args.cmd == "build-demo":
+        from ingest.demo import build_demo
+
+        build_demo(args.out)
+        print(json.dumps({"out": args.out}))
+    elif args.cmd == "validate":
+        from ingest.validate import validate_shards
+
+        print(json.dumps(validate_shards(args.path, check_checksums=not args.no_checksums)))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    for k, v in (("RAY_AUTH_MODE", "disabled"), ("MASTER_ADDR", "127.0.0.1"), ("RAY_USAGE_STATS_ENABLED", "0")):
+        os.environ.setdefault(k, v)
+    try:
+        return _run(args)
+    except IngestError as e:
+        print(f"ingest {args.cmd}: error: {e}", file=sys.stderr)
+        return USAGE_EXIT_CODE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,203 @@
+"""The ingest configuration, opening a Census (public or local), and the obs query.
+
+Everything here runs in the driver before any Ray task starts, so bad input (a store that is
+not in Census layout, an unknown tissue, a filter that does not parse, an empty query) is
+refused in seconds with nothing written.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import tiledbsoma as soma
+
+from ingest import census_schema as cs
+from ingest.errors import IngestError
+from scgpt_model.schema import DEFAULT_N_BINS, DEFAULT_SEED, DEFAULT_VAL_FRACTION
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(kw_only=True, slots=True)
+class IngestConfig:
+    """Arguments of `ingest census` (SPEC §3). Defaults say why they are what they are."""
+
+    out: str
+    census_uri: str | None = None          # a local copy (the way to avoid S3 timeouts); wins over version
+    census_version: str = "stable"         # the public Census release when no --census-uri
+    organism: str = "Homo sapiens"
+    tissues: tuple[str, ...] = ()          # tissue_general values, OR-ed
+    diseases: tuple[str, ...] = ()
+    assays: tuple[str, ...] = ()
+    obs_filters: tuple[str, ...] = ()      # raw SOMA value filters, AND-ed with the rest
+    include_non_primary: bool = False      # primary only by default: Census repeats cells across collections
+    min_genes: int = 1                     # a cell needs this many in-vocabulary nonzero genes (0-gene cells break training)
+    n_bins: int = DEFAULT_N_BINS           # paper default 51
+    vocab: str | None = None               # reuse a vocabulary (e.g. a checkpoint's); default: the store's var
+    gene_key: Literal["feature_id", "feature_name"] | None = None  # default: the vocab's key, else feature_id
+    cells_per_shard: int = 10_000          # one Ray task per shard; bounds worker memory (~2 GB at 1.5k genes/cell)
+    max_cells: int | None = None           # a seeded sample of the query for quick runs
+    seed: int = DEFAULT_SEED               # tie draws in binning, split, sampling
+    val_fraction: float = DEFAULT_VAL_FRACTION  # paper §4.8: 97% / 3%
+    ray_address: str | None = None         # None: a local Ray started (and stopped) by this command
+    num_cpus: int | None = None            # local Ray only; None: all cores
+    progress_every_s: float = 2.0
+    extra: dict = field(default_factory=dict)
+
+    def validate(self) -> None:
+        if not (3 <= self.n_bins <= 256):
+            raise IngestError(f"--n-bins {self.n_bins}: must be between 3 and 256 (bins are stored as uint8)")
+        if self.cells_per_shard < 1:
+            raise IngestError(f"--cells-per-shard {self.cells_per_shard}: must be >= 1")
+        if self.max_cells is not None and self.max_cells < 1:
+            raise IngestError(f"--max-cells {self.max_cells}: must be >= 1 (or leave it out for all cells)")
+        if not (0.0 <= self.val_fraction < 1.0):
+            raise IngestError(f"--val-fraction {self.val_fraction}: must be in [0, 1)")
+        if self.min_genes < 0:
+            raise IngestError(f"--min-genes {self.min_genes}: must be >= 0")
+        if self.num_cpus is not None and self.num_cpus < 1:
+            raise IngestError(f"--num-cpus {self.num_cpus}: must be >= 1")
+        if self.gene_key not in (None, "feature_id", "feature_name"):
+            raise IngestError(f"--gene-key {self.gene_key}: use feature_id (Ensembl) or feature_name (symbol)")
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+# ---- the store ---------------------------------------------------------------------------
+def source_of(cfg: IngestConfig) -> dict:
+    """What the manifest records as the data source (a URI or a public release)."""
+    if cfg.census_uri:
+        uri = cfg.census_uri if "://" in cfg.census_uri else str(Path(cfg.census_uri).resolve())
+        return {"kind": "uri", "uri": uri}
+    return {"kind": "census", "census_version": cfg.census_version}
+
+
+def open_census(source: dict) -> soma.Collection:
+    import cellxgene_census  # heavy import, only where needed
+
+    if source["kind"] == "uri":
+        uri = source["uri"]
+        if "://" not in uri and not Path(uri).exists():
+            raise IngestError(f"--census-uri {uri}: no such path. Build a local store with `ingest build-census` "
+                              "or `ingest build-demo`, or use --census-version for the public Census")
+        try:
+            return cellxgene_census.open_soma(uri=uri)
+        except Exception as e:  # noqa: BLE001 - anything that does not open is not a Census store
+            raise IngestError(f"--census-uri {uri}: not a SOMA store ({type(e).__name__}: {e}). Point it at the "
+                              "root of a Census copy (the folder holding census_data/ and census_info/)") from e
+    try:
+        return cellxgene_census.open_soma(census_version=source["census_version"])
+    except Exception as e:  # noqa: BLE001
+        raise IngestError(f"--census-version {source['census_version']}: cannot open the public Census "
+                          f"({type(e).__name__}: {e}). Offline? Use --census-uri with a local copy") from e
+
+
+def experiment_of(census: soma.Collection, organism: str, where: str) -> soma.Experiment:
+    """The organism's Experiment, checked for the Census layout the worker relies on."""
+    name = cs.organism_experiment_name(organism)
+    hint = ("it is not in Census layout (census_data/<organism> Experiment with measurement RNA, X layer raw). "
+            "Write one with `ingest build-census --h5ad FILE --out PATH`")
+    if cs.CENSUS_DATA not in census:
+        raise IngestError(f"{where}: no '{cs.CENSUS_DATA}' collection; {hint}")
+    data = census[cs.CENSUS_DATA]
+    if name not in data:
+        raise IngestError(f"{where}: no organism {organism!r} ({name}); it has {sorted(data.keys())}. "
+                          "Pass one of those with --organism")
+    exp = data[name]
+    if not isinstance(exp, soma.Experiment) or "RNA" not in exp.ms or "raw" not in exp.ms["RNA"].X:
+        raise IngestError(f"{where}: {cs.CENSUS_DATA}/{name} lacks ms/RNA/X/raw; {hint}")
+    obs_cols = set(exp.obs.schema.names)
+    var_cols = set(exp.ms["RNA"].var.schema.names)
+    missing = [c for c in cs.REQUIRED_OBS_COLUMNS if c not in obs_cols]
+    missing += [f"var.{c}" for c in cs.REQUIRED_VAR_COLUMNS if c not in var_cols]
+    if missing:
+        raise IngestError(f"{where}: missing Census columns {missing}; {hint}")
+    return exp
+
+
+def column_values(exp: soma.Experiment, column: str) -> list[str]:
+    """Distinct values of a categorical obs column (enumeration values; no full scan on Census)."""
+    try:
+        vals = exp.obs.get_enumeration_values([column])[column]
+        return sorted(str(v) for v in vals.to_pylist())
+    except Exception:  # noqa: BLE001 - a plain string column: scan it (local stores only)
+        tbl = exp.obs.read(column_names=[column]).concat()
+        return sorted(str(v) for v in pc.unique(tbl.column(column)).to_pylist())
+
+
+def _quote(v: str) -> str:
+    return "'" + v.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def _check_values(exp: soma.Experiment, column: str, wanted: tuple[str, ...], flag: str) -> None:
+    known = column_values(exp, column)
+    bad = [w for w in wanted if w not in known]
+    if bad:
+        hints = {b: difflib.get_close_matches(b, known, n=3) for b in bad}
+        hint = "; ".join(f"{b!r}: did you mean {h}?" if h else f"{b!r}: no close match" for b, h in hints.items())
+        shown = known if len(known) <= 30 else known[:30] + ["..."]
+        raise IngestError(f"{flag}: unknown {column} value(s) {bad} ({hint}). Known values: {shown}")
+
+
+def build_filter(cfg: IngestConfig, exp: soma.Experiment) -> str:
+    """The exact obs value filter (recorded in the manifest). Each user filter is test-parsed."""
+    parts: list[str] = []
+    if not cfg.include_non_primary:
+        parts.append("is_primary_data == True")
+    for column, values, flag in (("tissue_general", cfg.tissues, "--tissue"), ("disease", cfg.diseases, "--disease"),
+                                 ("assay", cfg.assays, "--assay")):
+        if values:
+            _check_values(exp, column, values, flag)
+            parts.append(f"{column} in [{', '.join(_quote(v) for v in values)}]")
+    for f in cfg.obs_filters:
+        _try_filter(exp, f, f"--obs-filter {f!r}")
+        parts.append(f"({f})")
+    if cfg.min_genes > 0:
+        parts.append(f"nnz >= {int(cfg.min_genes)}")
+    full = " and ".join(parts)
+    if full:
+        _try_filter(exp, full, "the combined filter")
+    return full
+
+
+def _try_filter(exp: soma.Experiment, value_filter: str, what: str) -> None:
+    try:
+        exp.obs.read(coords=(slice(0, 0),), column_names=["soma_joinid"], value_filter=value_filter).concat()
+    except Exception as e:  # noqa: BLE001 - tiledbsoma raises SOMAError / ValueError / TypeError on bad filters
+        msg = str(e).split("\n")[0]
+        raise IngestError(f"{what} does not parse or names an unknown column ({msg}). Use SOMA value-filter "
+                          "syntax, e.g. \"cell_type == 'B cell' and nnz > 500\"") from e
+
+
+def query_joinids(exp: soma.Experiment, value_filter: str) -> np.ndarray:
+    """(n,) int64 sorted soma_joinids of the cells passing ``value_filter``."""
+    it = exp.obs.read(column_names=["soma_joinid"], value_filter=value_filter or None)
+    parts = [t.column("soma_joinid").to_numpy() for t in it]
+    ids = np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
+    ids.sort()
+    return ids
+
+
+def var_table(exp: soma.Experiment) -> pa.Table:
+    return exp.ms["RNA"].var.read(column_names=["soma_joinid", "feature_id", "feature_name"]).concat()
+
+
+def store_identity(census: soma.Collection) -> dict:
+    """A few summary values that change when the store is rebuilt with other data."""
+    out: dict = {}
+    try:
+        tbl = census[cs.CENSUS_INFO][cs.SUMMARY].read().concat().to_pydict()
+        for label, value in zip(tbl["label"], tbl["value"]):
+            if label in ("census_build_date", "census_schema_version", "total_cell_count"):
+                out[label] = value
+    except Exception:  # noqa: BLE001 - census_info is informative only
+        pass
+    return out

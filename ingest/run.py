@@ -1,0 +1,319 @@
+"""`ingest census`: query -> chunks of soma_joinids -> Ray tasks -> shards + manifest, resumable.
+
+Named steps (as the Census builder does): plan (query, vocabulary, chunk list) -> prepare the
+output (lock, refuse other arguments, verify finished shards) -> run the missing chunks as Ray
+tasks, rewriting the manifest after each -> summary. A kill loses only the chunks in flight.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+
+from ingest.errors import IngestError
+from ingest.manifest import MANIFEST_FORMAT, load_manifest, sha256_file, write_manifest
+from ingest.query import (
+    IngestConfig,
+    build_filter,
+    experiment_of,
+    open_census,
+    query_joinids,
+    source_of,
+    store_identity,
+    var_table,
+)
+from ingest.worker import process_chunk
+from scgpt_model.schema import MANIFEST_FILE, SHARD_SCHEMA, VOCAB_FILE
+from scgpt_model.vocab import GeneVocab, VocabError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class Plan:
+    source: dict
+    value_filter: str
+    joinids: np.ndarray          # (n,) sorted soma_joinids to ingest
+    n_matched: int               # before --max-cells
+    vocab: GeneVocab
+    var_to_vocab: np.ndarray     # (max var joinid + 1,) int32, -1 = gene not in vocabulary
+    merge_duplicates: bool
+    genes_dropped: int
+    genes_dropped_examples: list[str]
+    args: dict                   # the fingerprint a re-run must match
+
+
+def project_version() -> str:
+    try:
+        return metadata.version("scgpt-census")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def _load_vocab(cfg: IngestConfig) -> GeneVocab | None:
+    if not cfg.vocab:
+        return None
+    try:
+        vocab = GeneVocab.load(cfg.vocab)
+    except VocabError as e:
+        raise IngestError(f"--vocab {cfg.vocab}: {e}") from e
+    if cfg.gene_key and cfg.gene_key != vocab.key:
+        raise IngestError(f"--gene-key {cfg.gene_key} contradicts --vocab {cfg.vocab}, which is keyed by "
+                          f"{vocab.key}; drop --gene-key or pass --gene-key {vocab.key}")
+    return vocab
+
+
+def sample_joinids(joinids: np.ndarray, max_cells: int, seed: int) -> np.ndarray:
+    """A seeded sample of ``max_cells`` joinids (the same sample for the same query and seed)."""
+    from ingest.manifest import split_uniform
+
+    score = split_uniform(joinids, seed + 7919)  # a different stream from the split itself
+    return np.sort(joinids[np.argsort(score, kind="stable")[:max_cells]])
+
+
+def plan(cfg: IngestConfig) -> Plan:
+    cfg.validate()
+    vocab = _load_vocab(cfg)
+    gene_key = vocab.key if vocab else (cfg.gene_key or "feature_id")
+    source = source_of(cfg)
+    where = f"--census-uri {cfg.census_uri}" if cfg.census_uri else f"Census {cfg.census_version}"
+    with open_census(source) as census:
+        exp = experiment_of(census, cfg.organism, where)
+        value_filter = build_filter(cfg, exp)
+        joinids = query_joinids(exp, value_filter)
+        source = {**source, **store_identity(census)}
+        var = var_table(exp)
+    if joinids.size == 0:
+        raise IngestError(f"the query matched no cells (filter: {value_filter or 'none'}). Loosen it: check "
+                          "--tissue/--disease/--assay/--obs-filter/--min-genes, or add --include-non-primary")
+    n_matched = int(joinids.size)
+    if cfg.max_cells is not None and cfg.max_cells < joinids.size:
+        joinids = sample_joinids(joinids, cfg.max_cells, cfg.seed)
+    keys = [str(k) for k in var.column(gene_key).to_pylist()]
+    var_ids = var.column("soma_joinid").to_numpy()
+    if vocab is None:
+        order = np.argsort(var_ids)
+        vocab = GeneVocab.from_genes([keys[i] for i in order], key=gene_key)
+    var_to_vocab = np.full(int(var_ids.max()) + 1, -1, dtype=np.int32)
+    var_to_vocab[var_ids] = vocab.encode(keys)
+    mapped = var_to_vocab[var_to_vocab >= 0]
+    if mapped.size == 0:
+        raise IngestError(f"no gene of the store is in the vocabulary (matched by {gene_key}); pass a vocabulary "
+                          f"keyed like the store, or --gene-key {'feature_name' if gene_key == 'feature_id' else 'feature_id'}")
+    dropped = [keys[i] for i in np.flatnonzero(vocab.encode(keys) < 0)]
+    if dropped:
+        log.warning("%d of %d store genes are not in the vocabulary and are dropped (e.g. %s)", len(dropped),
+                    len(keys), ", ".join(dropped[:5]))
+    args = {
+        "source": source, "organism": cfg.organism, "obs_filter": value_filter, "vocab_hash": vocab.hash(),
+        "gene_key": gene_key, "n_bins": cfg.n_bins, "seed": cfg.seed, "val_fraction": cfg.val_fraction,
+        "cells_per_shard": cfg.cells_per_shard, "max_cells": cfg.max_cells, "min_genes": cfg.min_genes,
+        "n_cells_planned": int(joinids.size),
+        "joinids_sha256": __import__("hashlib").sha256(joinids.tobytes()).hexdigest(),
+    }
+    return Plan(source, value_filter, joinids, n_matched, vocab, var_to_vocab,
+                bool(np.unique(mapped).size != mapped.size), len(dropped), dropped[:10], args)
+
+
+# ---- output directory --------------------------------------------------------------------
+class OutputDir:
+    """Owns ``--out`` for one run: the lock, the refusal rules, stale temp files, verified shards."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.created = not self.path.exists()
+        self._lock_fd: int | None = None
+
+    def open(self, args: dict) -> dict[int, dict]:
+        p = self.path
+        if p.exists() and not p.is_dir():
+            raise IngestError(f"--out {p} is a file; give a directory path")
+        previous = None
+        if (p / MANIFEST_FILE).exists():
+            previous = load_manifest(p)
+            if previous.get("args") != args:
+                diff = sorted(k for k in set(args) | set(previous.get("args", {}))
+                              if args.get(k) != previous.get("args", {}).get(k))
+                raise IngestError(f"--out {p} holds shards from other arguments (differs in: {', '.join(diff)}); "
+                                  "re-run with the same arguments to resume, or choose a new --out (or delete it)")
+        elif p.exists() and any(p.iterdir()):
+            raise IngestError(f"--out {p} exists, is not empty and is not a shard set; choose a new --out")
+        (p / "shards").mkdir(parents=True, exist_ok=True)
+        self._lock_fd = os.open(p / ".lock", os.O_CREAT | os.O_RDWR)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise IngestError(f"another `ingest census` is writing into --out {p}; wait for it or choose another --out")
+        self.remove_temp_files()
+        done: dict[int, dict] = {}
+        for s in (previous or {}).get("shards", []):
+            f = p / s["path"]
+            if f.exists() and f.stat().st_size == s["n_bytes"] and sha256_file(f) == s["sha256"]:
+                done[int(s["index"])] = s
+            else:
+                log.warning("shard %s is missing or does not match the manifest; it will be rewritten", s["path"])
+        return done
+
+    def remove_temp_files(self) -> None:
+        for pattern in ("shards/.part-*.tmp-*", ".*.tmp-*"):
+            for f in self.path.glob(pattern):
+                f.unlink(missing_ok=True)
+
+    def close(self, *, discard: bool = False) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+        if discard and self.created:
+            shutil.rmtree(self.path, ignore_errors=True)
+        elif self.path.exists():
+            self.remove_temp_files()
+
+
+def _manifest(p: Plan, cfg: IngestConfig, shards: dict[int, dict], complete: bool) -> dict:
+    entries = [shards[i] for i in sorted(shards)]
+    return {
+        "format": MANIFEST_FORMAT,
+        "project_version": project_version(),
+        "source": p.source,
+        "organism": cfg.organism,
+        "obs_filter": p.value_filter,
+        "vocab_hash": p.vocab.hash(),
+        "vocab_size": len(p.vocab),
+        "gene_key": p.vocab.key,
+        "n_bins": cfg.n_bins,
+        "seed": cfg.seed,
+        "val_fraction": cfg.val_fraction,
+        "split": "ingest.manifest.is_validation(soma_joinid, val_fraction, seed)",
+        "columns": SHARD_SCHEMA.names,
+        "args": p.args,
+        "n_shards_planned": int(-(-p.joinids.size // cfg.cells_per_shard)),
+        "complete": complete,
+        "totals": {
+            "cells_matched": p.n_matched,
+            "cells_planned": int(p.joinids.size),
+            "cells": sum(s["n_rows"] for s in entries),
+            "cells_dropped_min_genes": sum(s["n_dropped_min_genes"] for s in entries),
+            "nonzeros": sum(s["nnz"] for s in entries),
+            "n_train": sum(s["n_train"] for s in entries),
+            "n_val": sum(s["n_val"] for s in entries),
+            "genes_in_vocab": len(p.vocab.genes),
+            "genes_dropped": p.genes_dropped,
+            "genes_dropped_examples": p.genes_dropped_examples,
+        },
+        "shards": [{k: v for k, v in s.items() if k not in ("read_s", "total_s")} for s in entries],
+    }
+
+
+def _init_ray(cfg: IngestConfig) -> bool:
+    """Start a local Ray (loopback only) unless one is running or --ray-address is given."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if cfg.ray_address:
+        ray.init(address=cfg.ray_address, logging_level=logging.WARNING)
+    else:
+        ray.init(num_cpus=cfg.num_cpus or os.cpu_count(), _node_ip_address="127.0.0.1", include_dashboard=False,
+                 logging_level=logging.WARNING, configure_logging=False)
+    return True
+
+
+def _chunk_task(spec: dict, var_to_vocab: np.ndarray) -> dict:
+    return process_chunk({**spec, "var_to_vocab": var_to_vocab})
+
+
+def run_ingest(cfg: IngestConfig) -> dict:
+    """Run (or resume) an ingest; returns the final manifest."""
+    t_start = time.perf_counter()
+    p = plan(cfg)
+    out = OutputDir(cfg.out)
+    shards = out.open(p.args)
+    ok = usage_error = False
+    started_ray = False
+    try:
+        p.vocab.save(out.path / VOCAB_FILE)
+        chunks = [p.joinids[i:i + cfg.cells_per_shard] for i in range(0, p.joinids.size, cfg.cells_per_shard)]
+        todo = [i for i in range(len(chunks)) if i not in shards]
+        manifest = write_manifest(out.path, _manifest(p, cfg, shards, complete=not todo))
+        n_skip = sum(len(chunks[i]) for i in shards)
+        log.info("ingest: %d cells matched, %d to ingest in %d shards (%d already done, resuming) -> %s",
+                 p.n_matched, p.joinids.size, len(chunks), len(shards), out.path)
+        if todo:
+            started_ray = _init_ray(cfg)
+            _run_chunks(cfg, p, out.path, chunks, todo, shards, n_skip)
+        manifest = write_manifest(out.path, _manifest(p, cfg, shards, complete=True))
+        ok = True
+    except IngestError:
+        usage_error = True  # bad input found by a worker (e.g. non-integer counts)
+        raise
+    finally:
+        if started_ray:
+            import ray
+
+            ray.shutdown()  # kills workers still writing, before temp files are removed below
+        out.close(discard=usage_error)
+    t = manifest["totals"]
+    dt = time.perf_counter() - t_start
+    log.info("ingest done: %d cells in %d shards (%d train / %d val), %d nonzeros, %d cells below --min-genes, "
+             "%d store genes not in vocab; %.1fs (%.0f cells/s); manifest %s", t["cells"], len(manifest["shards"]),
+             t["n_train"], t["n_val"], t["nonzeros"], t["cells_dropped_min_genes"], t["genes_dropped"], dt,
+             t["cells"] / max(dt, 1e-9), manifest["manifest_hash"][:16])
+    return manifest
+
+
+def _run_chunks(cfg: IngestConfig, p: Plan, out: Path, chunks: list[np.ndarray], todo: list[int],
+                shards: dict[int, dict], n_skip: int) -> None:
+    import ray
+    from ray.exceptions import RayTaskError
+
+    task = ray.remote(num_cpus=1, max_retries=1)(_chunk_task)
+    var_ref = ray.put(p.var_to_vocab)
+    base = {"source": p.source, "organism": cfg.organism, "out": str(out.resolve()), "n_bins": cfg.n_bins,
+            "seed": cfg.seed, "val_fraction": cfg.val_fraction, "min_genes": cfg.min_genes,
+            "merge_duplicates": p.merge_duplicates}
+    max_inflight = max(2, int(ray.cluster_resources().get("CPU", 1)) * 2)
+    pending = list(todo)
+    inflight: dict = {}
+    total, done_cells = int(p.joinids.size), 0
+    t0 = last = time.perf_counter()
+    try:
+        while pending or inflight:
+            while pending and len(inflight) < max_inflight:
+                i = pending.pop(0)
+                ref = task.remote({**base, "index": i, "joinids": chunks[i]}, var_ref)
+                inflight[ref] = i
+            ready, _ = ray.wait(list(inflight), num_returns=1)
+            for ref in ready:
+                i = inflight.pop(ref)
+                try:
+                    res = ray.get(ref)
+                except RayTaskError as e:
+                    cause = getattr(e, "cause", None)
+                    if isinstance(cause, IngestError):
+                        raise IngestError(str(cause)) from None
+                    raise
+                shards[i] = res
+                done_cells += len(chunks[i])
+                write_manifest(out, _manifest(p, cfg, shards, complete=False))
+                now = time.perf_counter()
+                if now - last >= cfg.progress_every_s or not (pending or inflight):
+                    rate = done_cells / max(now - t0, 1e-9)
+                    left = total - n_skip - done_cells
+                    log.info("ingest: %d/%d cells (%.0f%%), %d/%d shards, %.0f cells/s, ETA %.0fs",
+                             n_skip + done_cells, total, 100.0 * (n_skip + done_cells) / total, len(shards),
+                             len(chunks), rate, left / max(rate, 1e-9))
+                    last = now
+    except BaseException:
+        for ref in inflight:
+            ray.cancel(ref, force=True)
+        raise
