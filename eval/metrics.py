@@ -141,9 +141,10 @@ def batch_scores(a: ad.AnnData) -> dict[str, float]:
 
 
 def integration_scores(emb: np.ndarray, labels, batches=None, *, seed: int = 0,
-                       resolutions: tuple[float, ...] = RESOLUTIONS) -> dict[str, float]:
+                       resolutions: tuple[float, ...] = RESOLUTIONS,
+                       n_neighbors: int = N_NEIGHBORS) -> dict[str, float]:
     """All S.2.1 scores for one embedding; batch scores only when there are >= 2 batches."""
-    a = embedding_adata(emb, labels, batches, seed=seed)
+    a = embedding_adata(emb, labels, batches, seed=seed, n_neighbors=min(n_neighbors, emb.shape[0] - 1))
     out = bio_scores(a, resolutions)
     if batches is not None and len(set(np.asarray(batches))) >= 2:
         out.update(batch_scores(a))
