@@ -91,6 +91,11 @@ def plan(task: str, model: ScGPTModel, dataset: str, opts: EvalOptions) -> Plan:
                                                    if s in set(extra)}
             data = full.take_genes(np.flatnonzero(np.isin(full.token_ids, list(keep))))
         return Plan(task, name, data, params={"n_hvg_target": n_hvg})
+    if task == "integration":
+        found = sorted(adata.obs[batch].dropna().astype(str).unique()) if batch in adata.obs else []
+        if batch in adata.obs and len(found) < 2:
+            raise EvalError(f"integration needs at least 2 batches; {name}.obs[{batch!r}] has only {found}. "
+                            "Pick a dataset with several batches or another --batch-key")
     data = model.prepare(adata, name=name, label_key=label, batch_key=batch,
                          n_hvg=(opts.n_hvg or DEFAULT_HVG["integration"]) if task == "integration" else 0,
                          max_cells=opts.max_cells, seed=opts.seed)
