@@ -86,19 +86,47 @@ def _optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimize
     return FusedAdam(model.parameters(), lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
 
 
+# Parameters the model reads directly (``module.weight[i]``) instead of calling their module:
+# ZeRO-3 only gathers a parameter around its own module's forward, so these are registered as
+# external parameters of the adapter below (gathered for its forward and its backward).
+DIRECT_PARAMETERS = ("flag_encoder.weight",)
+
+
+class LossModule(torch.nn.Module):
+    """``model(batch) -> (loss, terms)``: tensor outputs, so ZeRO-3 can hook the backward pass.
+
+    The network returns a ``ModelOutput`` dataclass, which DeepSpeed cannot look into; without
+    tensor outputs its backward hooks do not fire and partitioned weights stay released.
+    """
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch):
+        out = self.model(batch)
+        return out.loss.total, out.loss.terms
+
+
 def build_engine(model: torch.nn.Module, cfg: TrainConfig, *, total_steps: int, on_gpu: bool):
     """Wrap ``model`` in a DeepSpeed engine (ZeRO stage, precision, AdamW, warmup+cosine LR).
 
-    Returns the engine; use ``engine(batch)``, ``engine.backward(loss)``, ``engine.step()``
+    Returns the engine; use ``loss, terms = engine(batch)``, ``engine.backward(loss)``, ``engine.step()``
     each micro-batch: DeepSpeed steps the optimizer and the LR schedule once per
     ``grad_accum`` micro-batches and clips the global gradient norm first.
     """
     import deepspeed
 
     ds_cfg = deepspeed_config(cfg, on_gpu=on_gpu)
-    optimizer = _optimizer(model, cfg)
+    wrapped = LossModule(model)
+    if cfg.deepspeed.zero_stage == 3:
+        params = dict(model.named_parameters())
+        for name in DIRECT_PARAMETERS:
+            if name in params:
+                deepspeed.zero.register_external_parameter(wrapped, params[name])
+    optimizer = _optimizer(wrapped, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+    engine, _, _, _ = deepspeed.initialize(model=wrapped, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=ds_cfg, dist_init_required=False)
     log.info("DeepSpeed engine: ZeRO-%d, %s, %s optimizer, grad_accum %d",
              cfg.deepspeed.zero_stage, resolve_precision(cfg, on_gpu), cfg.deepspeed.optimizer, cfg.optim.grad_accum)

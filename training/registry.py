@@ -34,7 +34,8 @@ def consolidated_state_dict(checkpoint_dir: str | Path) -> dict:
     from training.worker import DS_TAG
 
     sd = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=DS_TAG)
-    return {k: v.detach().float().clone() for k, v in sd.items()}
+    # the engine wraps the network in training.parallelize.LossModule: drop its "model." prefix
+    return {k.removeprefix("model."): v.detach().float().clone() for k, v in sd.items()}
 
 
 def export_pretrained(checkpoint_dir: str | Path, mcfg, vocab, out_dir: str | Path) -> Path:

@@ -80,8 +80,8 @@ def validate(engine, cfg: TrainConfig, mcfg, store: D.ShardStore, plan: list[np.
     engine.eval()
     with torch.no_grad():
         for lb in D.iterate(plan, store, collate, prefetch=2):
-            out = engine(_to_device(lb.batch, device, bf16))
-            for k, v in {"total": out.loss.total, **out.loss.terms}.items():
+            total, terms = engine(_to_device(lb.batch, device, bf16))
+            for k, v in {"total": total, **terms}.items():
                 sums[k] = sums.get(k, 0.0) + float(v) * lb.batch.n_cells
             n += lb.batch.n_cells
     engine.train()
@@ -186,11 +186,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             # dropout draws depend only on (seed, epoch, rank, batch): resume replays them exactly
             torch.manual_seed(_seed_for(seed, epoch, rank, lb.index))
             batch = _to_device(lb.batch, device, bf16)
-            out = engine(batch)
-            engine.backward(out.loss.total)
+            total, terms = engine(batch)
+            engine.backward(total)
             engine.step()
             seen.append(lb.joinids)
-            for k, v in {"loss": out.loss.total, **{f"loss_{k}": t for k, t in out.loss.terms.items()}}.items():
+            for k, v in {"loss": total, **{f"loss_{k}": t for k, t in terms.items()}}.items():
                 acc[k] = acc.get(k, 0.0) + float(v.detach()) / ga
             acc["cells"] = acc.get("cells", 0.0) + batch.n_cells
             acc["tokens"] = acc.get("tokens", 0.0) + batch.n_tokens
