@@ -77,11 +77,16 @@ def _fused_fwd(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, scale: float) -> t
             q, k, v, 0.0, False, attn_mask=bias, scale=scale)
         return out, lse, None
     if q.device.type == "cuda":
+        # the mem-efficient kernel wants the bias rows 8-aligned: pad the keys with -inf columns
+        pad = (-k.shape[2]) % 8
+        if pad:
+            k, v = (torch.nn.functional.pad(t, (0, 0, 0, pad)) for t in (k, v))
+            bias = torch.nn.functional.pad(bias, (0, pad), value=NEG_INF)
         b = bias.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
         out, lse, seed, offset = torch.ops.aten._scaled_dot_product_efficient_attention(
             q, k, v, b, True, 0.0, False, scale=scale)
         # the efficient kernel pads lse's query dim up to a multiple of 32
-        return out, lse[..., : q.shape[2]], (seed, offset, lse.shape[-1])
+        return out, lse[..., : q.shape[2]], (seed, offset, lse.shape[-1], pad)
     raise NotImplementedError  # math fallback handles other devices
 
 
@@ -90,13 +95,17 @@ def _fused_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Tensor, out:
     if q.device.type == "cpu":
         return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
             dout, q, k, v, out, lse, 0.0, False, attn_mask=bias, scale=scale)
-    seed, offset, lse_len = ctx
+    seed, offset, lse_len, pad = ctx
+    n = k.shape[2]
+    if pad:
+        k, v = (torch.nn.functional.pad(t, (0, 0, 0, pad)) for t in (k, v))
+        bias = torch.nn.functional.pad(bias, (0, pad), value=NEG_INF)
     b = bias.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
     lse_p = lse.new_zeros(*lse.shape[:-1], lse_len)
     lse_p[..., : lse.shape[-1]] = lse
     dq, dk, dv, _ = torch.ops.aten._scaled_dot_product_efficient_attention_backward(
         dout, q, k, v, b, out, lse_p, seed, offset, 0.0, [True, True, True, False], False, scale=scale)
-    return dq, dk, dv
+    return dq, dk[:, :, :n], dv[:, :, :n]
 
 
 def _acc(x: Tensor) -> torch.dtype:
@@ -152,8 +161,9 @@ class _PaddedGenerativeAttention(torch.autograd.Function):
         q, k, v, bias, out, lse, *rest = ctx.saved_tensors
         n = ctx.n_known
         dout = dout.contiguous()
-        dq, dkk, dvk = _fused_bwd(dout, q, k[:, :, :n], v[:, :, :n], bias, out, lse.to(q.dtype) if q.device.type == "cpu" else lse,
-                                  ctx.scale, ctx.kctx)
+        # the kernels take the lse in the dtype they returned it (float32, or float64 for float64 inputs)
+        lse_k = lse.to(torch.float64 if q.dtype == torch.float64 else torch.float32)
+        dq, dkk, dvk = _fused_bwd(dout, q, k[:, :, :n], v[:, :, :n], bias, out, lse_k, ctx.scale, ctx.kctx)
         if not ctx.any_unknown:
             dk = torch.zeros_like(k)
             dv = torch.zeros_like(v)

@@ -129,3 +129,18 @@ def test_flash_packed_matches_sdpa_padded(dtype):
     for x, y in zip(ga, gb):
         if x is not None:
             torch.testing.assert_close(x.float(), y.float(), atol=5e-2 * (1 + x.abs().max().item()), rtol=5e-2)
+
+
+def test_bfloat16_on_cpu_within_dtype_tolerance():
+    rng = np.random.default_rng(11)
+    meta = _random_layout(rng, 3, 20, 17)
+    q, k, v = (torch.randn(3, 2, 37, 16, requires_grad=True) for _ in range(3))
+    ref = dense_mask_attention(q, k, v, meta)
+    g_ref = torch.autograd.grad(ref.sum(), (q, k, v))
+    qb, kb, vb = (t.detach().bfloat16().requires_grad_() for t in (q, k, v))
+    out = generative_attention(qb, kb, vb, meta)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref, atol=5e-2, rtol=0)
+    g = torch.autograd.grad(out.float().sum(), (qb, kb, vb))
+    for a, r in zip(g, g_ref):
+        torch.testing.assert_close(a.float(), r, atol=8e-2, rtol=0)
