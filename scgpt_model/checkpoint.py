@@ -88,14 +88,47 @@ def load_pretrained(dirpath: str | Path, map_location: str | torch.device = "cpu
         if len(vocab) != cfg.vocab_size:
             raise CheckpointError(f"{d}: vocab.json has {len(vocab)} tokens, config says {cfg.vocab_size}")
         model = ScGPT(cfg)
-        state = torch.load(d / "model.pt", map_location=map_location, weights_only=True)
-        model.load_state_dict(state)
+        state = torch.load(d / "model.pt", map_location="cpu", weights_only=True)
+        load_compatible(model, state, strict=not overrides)
         return model.to(map_location), vocab, cfg
     if all((d / f).exists() for f in OFFICIAL_FILES):
         model, vocab, cfg, report = import_official(d, map_location=map_location, **overrides)
         return model, vocab, cfg
     raise CheckpointError(f"{d} is neither our checkpoint layout (model.pt, config.json, vocab.json) nor the "
                           f"official scGPT layout ({', '.join(OFFICIAL_FILES)})")
+
+
+HEAD_PREFIXES = ("expr_head.", "gepc_head.", "cls_head.", "dar_head.")
+
+
+def load_compatible(model: ScGPT, state: dict[str, torch.Tensor], strict: bool = True) -> list[str]:
+    """Load ``state`` into ``model``; returns the parameters left at their init.
+
+    ``strict=False`` (fine-tuning overrides): parameters the state lacks (a new head, e.g. from
+    ``n_cell_types``) keep their init, and a head whose input width changed (batch/modality
+    concatenation switched on) is re-initialised with a warning. A shape mismatch anywhere else is
+    an error: the override changed the trunk, and the pretrained weights cannot be used.
+    """
+    ours = model.state_dict()
+    mismatch = [k for k, v in state.items() if k in ours and v.shape != ours[k].shape]
+    trunk = [k for k in mismatch if strict or not k.startswith(HEAD_PREFIXES)]
+    if trunk:
+        bad = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(ours[k].shape)}" for k in trunk[:3]]
+        raise CheckpointError(f"checkpoint tensors do not fit the model config ({bad}); an override "
+                              "changed the size of an existing layer")
+    if mismatch:
+        logger.warning("re-initialising heads whose shape changed: %s", mismatch)
+        state = {k: v for k, v in state.items() if k not in mismatch}
+    unexpected = sorted(set(state) - set(ours))
+    new = sorted(set(ours) - set(state))
+    if strict and (new or unexpected):
+        raise CheckpointError(f"checkpoint does not match its config: missing {new[:5]}, unexpected {unexpected[:5]}")
+    model.load_state_dict({k: v for k, v in state.items() if k in ours}, strict=False)
+    if new:
+        logger.info("parameters not in the checkpoint, left at init (new heads): %s", new)
+    if unexpected:
+        logger.info("checkpoint parameters dropped by the config overrides: %s", unexpected)
+    return new
 
 
 # ----------------------------------------------------------------------------------------------

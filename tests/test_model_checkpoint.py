@@ -179,3 +179,25 @@ def test_bad_checkpoints_give_clear_errors(tmp_path):
     model = ScGPT(get_preset("debug", 50))
     with pytest.raises(CheckpointError, match="vocabulary has"):
         save_pretrained(model, GeneVocab.from_genes(["A", "B"]), tmp_path / "x")
+
+
+def test_fine_tune_overrides_add_heads_and_extend_vocabulary(tmp_path):
+    from scgpt_model.transfer import extend_vocabulary
+
+    torch.manual_seed(0)
+    model = ScGPT(get_preset("debug", 50))
+    vocab = GeneVocab.from_genes([f"G{i}" for i in range(47)])
+    save_pretrained(model, vocab, tmp_path / "pre")
+    ft, _, cfg = load_pretrained(tmp_path / "pre", n_cell_types=4, objectives={"cls": True})
+    assert cfg.n_cell_types == 4 and ft.cls_head is not None
+    torch.testing.assert_close(ft.layers[0].attn.qkv.weight, model.layers[0].attn.qkv.weight)
+    with pytest.raises(CheckpointError, match="size of an existing layer"):
+        load_pretrained(tmp_path / "pre", d_ffn=32)
+    # multi-omic: append protein features, keep RNA gene embeddings by token
+    big, big_vocab = extend_vocabulary(model, vocab, ["CD3-protein", "CD19-protein", "G3"], n_modalities=2)
+    assert len(big_vocab) == 52 and big_vocab.tokens[:50] == vocab.tokens
+    torch.testing.assert_close(big.gene_embeddings(torch.arange(50)), model.gene_embeddings())
+    torch.testing.assert_close(big.layers[1].linear1.weight, model.layers[1].linear1.weight)
+    fresh, _ = extend_vocabulary(model, vocab, ["P1"], inherit="embeddings")
+    assert not torch.equal(fresh.layers[1].linear1.weight, model.layers[1].linear1.weight)
+    torch.testing.assert_close(fresh.gene_embeddings(torch.arange(50)), model.gene_embeddings())
