@@ -43,6 +43,11 @@ def flash_available() -> bool:
     return _fa is not None and torch.cuda.is_available()
 
 
+def packed_supported(device: torch.device) -> bool:
+    """Whether a packed (flash) batch can run on ``device``: flash-attn kernels are CUDA-only."""
+    return _fa is not None and device.type == "cuda"
+
+
 @dataclass
 class AttentionMeta:
     """Per-forward attention layout, built once per batch (no host sync per layer).

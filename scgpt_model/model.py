@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from scgpt_model.attention import flash_available
+from scgpt_model import attention
 from scgpt_model.batching import ModelBatch, resolve_backend
 from scgpt_model.config import ModelConfig
 from scgpt_model.heads import ExpressionHead, GepcHead, MLPClassifier
@@ -146,7 +146,7 @@ class ScGPT(nn.Module):
 
     def encode(self, batch: ModelBatch, cell_prompt: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """Transformer states: (hidden (N, D), cell_emb (B, D), gene embeddings (N, D))."""
-        if batch.layout == "packed" and not (batch.genes.device.type == "cuda" and flash_available()):
+        if batch.layout == "packed" and not attention.packed_supported(batch.genes.device):
             raise ValueError("a packed (flash) batch needs flash-attn and the model on CUDA; collate with "
                              "backend='sdpa' (or 'auto') on CPU, or install flash-attn (scgpt-census[gpu])")
         x, g = self._embed(batch, cell_prompt)
