@@ -134,7 +134,7 @@ def _start_ray(cfg: TrainConfig) -> bool:
         return False
     if cfg.cluster.ray_address:
         try:
-            ray.init(address=cfg.cluster.ray_address, include_dashboard=False, log_to_driver=True)
+            ray.init(address=cfg.cluster.ray_address, log_to_driver=True)
         except (ConnectionError, RuntimeError, ValueError) as e:
             raise TrainUsageError(f"cannot connect to the Ray cluster at {cfg.cluster.ray_address} ({e}); "
                                   "check --ray-address or drop it to start a local Ray") from e

@@ -115,6 +115,7 @@ def save_checkpoint(engine, state: dict[str, Any], metrics: dict[str, float], ra
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
+    import ray
     import ray.train
     from scgpt_model.config import ModelConfig
     from scgpt_model.model import ScGPT
@@ -157,6 +158,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if rank == 0:
             print(f"resumed at step {state['step']} (epoch {state['epoch']}, batch {state['next_batch']})", flush=True)
     base_state = {k: config[k] for k in ("mlflow_run_id", "vocab_hash", "manifest_hash", "world_size")}
+    nodes: list = [None] * world  # which Ray node each rank runs on (recorded in every checkpoint)
+    dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
+    base_state["nodes"] = nodes
     base_state["train"] = config["train"]
     base_state["model_config"] = config["model_config"]
 
@@ -188,6 +192,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             batch = _to_device(lb.batch, device, bf16)
             total, terms = engine(batch)
             engine.backward(total)
+            lr_used = engine.get_lr()[0]  # the lr this optimizer step applies (the scheduler moves in step())
             engine.step()
             seen.append(lb.joinids)
             for k, v in {"loss": total, **{f"loss_{k}": t for k, t in terms.items()}}.items():
@@ -207,7 +212,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             grad_norm = engine.get_global_grad_norm()
             metrics = {k: red[k] / world for k in keys if k.startswith("loss")}
             metrics.update({
-                "lr": engine.get_lr()[0],
+                "lr": lr_used,
                 "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
                 "cells_per_s": red["cells"] / dt, "tokens_per_s": red["tokens"] / dt,
                 "padding_fraction": 1.0 - red["tokens"] / max(red["slots"], 1.0), "epoch": float(epoch),
