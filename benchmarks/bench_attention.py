@@ -85,6 +85,60 @@ def time_impls(impls: tuple[str, ...], length: int, ratio: float, repeats: int) 
     return times
 
 
+def gpu_model_throughput(preset: str, backend: str, batch: int, steps: int, n_genes: int = 1200) -> dict:
+    """Training step throughput of a preset on CUDA in bf16 autocast: tokens/s, cells/s and MFU."""
+    from scgpt_model.batching import collate_generative
+    from scgpt_model.flops import estimate_flops
+    from scgpt_model.model import ScGPT
+    from scgpt_model.presets import get_preset
+
+    cfg = get_preset(preset, 60_000, attention_backend=backend)
+    torch.manual_seed(0)
+    model = ScGPT(cfg).cuda()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    rng = np.random.default_rng(0)
+    genes = [rng.choice(np.arange(3, 60_000), size=n_genes, replace=False) for _ in range(batch)]
+    values = [rng.integers(1, 51, size=n_genes).astype(np.float32) for _ in range(batch)]
+    batches = [collate_generative(genes, values, max_seq_len=cfg.max_seq_len, seed=i, backend=backend).to("cuda")
+               for i in range(4)]
+    flops = [sum(estimate_flops(cfg, int(n_k + n_u), int(n_k))
+                 for n_k, n_u in zip(_known_counts(b), _unknown_counts(b))) for b in batches]
+
+    def step(i):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = model(batches[i % 4])
+        out.loss.total.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for i in range(3):
+        step(i)
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for i in range(steps):
+        step(i)
+    torch.cuda.synchronize()
+    sec = time.perf_counter() - t
+    tokens = sum(batches[i % 4].n_tokens for i in range(steps))
+    done = sum(flops[i % 4] for i in range(steps))
+    peak = float(os.environ.get("PEAK_TFLOPS", "989")) * 1e12  # H100/H200 dense bf16
+    return {"preset": preset, "backend": backend, "batch": batch, "tokens_per_s": tokens / sec,
+            "cells_per_s": batch * steps / sec, "mfu": done / sec / peak, "peak_mem_gib":
+            torch.cuda.max_memory_allocated() / 2**30}
+
+
+def _known_counts(b) -> list[int]:
+    if b.layout == "packed":
+        return (b.cu_k[1:] - b.cu_k[:-1]).tolist()
+    return b.known_valid.sum(1).tolist()
+
+
+def _unknown_counts(b) -> list[int]:
+    if b.layout == "packed":
+        return ((b.cu_q[1:] - b.cu_q[:-1]) - (b.cu_k[1:] - b.cu_k[:-1])).tolist()
+    return b.unknown.sum(1).tolist()
+
+
 def _status(key: str) -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(key):
@@ -112,8 +166,28 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "model.md"))
     ap.add_argument("--skip-naive", action="store_true", help="skip the (slow) naive split timings")
+    ap.add_argument("--gpu-model", action="store_true",
+                    help="on CUDA: tokens/s and MFU of a preset in bf16 with flash and sdpa (appends to --out)")
+    ap.add_argument("--preset", default="base")
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.gpu_model:
+        from scgpt_model.attention import flash_available
+
+        results = [gpu_model_throughput(args.preset, be, args.batch, args.steps)
+                   for be in (("flash", "sdpa") if flash_available() else ("sdpa",))]
+        lines = ["", f"## {args.preset} preset training step on {torch.cuda.get_device_name()} (bf16 autocast, "
+                 f"1,200 genes + <cls>, batch {args.batch}, {args.steps} steps, {dt.date.today().isoformat()})", "",
+                 "| backend | tokens/s | cells/s | MFU | peak GiB |", "|---|---|---|---|---|"]
+        for r in results:
+            print(r)
+            lines.append(f"| {r['backend']} | {r['tokens_per_s']:.0f} | {r['cells_per_s']:.1f} | "
+                         f"{100 * r['mfu']:.1f}% | {r['peak_mem_gib']:.1f} |")
+        with open(args.out, "a") as f:
+            f.write("\n".join(lines) + "\n")
+        return
     if args.child:
         impl, length, ratio = args.child
         print(peak_memory_child(impl, int(length), float(ratio)))
