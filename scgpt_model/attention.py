@@ -118,29 +118,40 @@ def _acc(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
+def _rowdot(x: Tensor, y: Tensor) -> Tensor:
+    """sum(x * y, -1) as a batched matmul: no full-size temporary. (..., L, D) -> (..., L)."""
+    return torch.matmul(x.unsqueeze(-2), y.unsqueeze(-1)).squeeze(-1).squeeze(-1)
+
+
 def _merge_self(o1: Tensor, lse1: Tensor, q: Tensor, k: Tensor, v: Tensor, self_mask: Tensor,
                 scale: float) -> tuple[Tensor, Tensor, Tensor]:
-    """Merge each query's own key/value into (o1, lse1). Shapes: o1/q/k/v (..., L, D), lse1 (..., L)."""
+    """Merge each query's own key/value into (o1, lse1). Shapes: o1/q/k/v (..., L, D), lse1 (..., L).
+
+    Returns the merged output (q's dtype), the merged lse and the self-key probability ws
+    (accumulation dtype). ``o1`` is consumed (scaled in place)."""
     acc = _acc(q)
-    s_self = (q.to(acc) * k.to(acc)).sum(-1) * scale  # (..., L)
+    s_self = _rowdot(q.to(acc), k.to(acc)) * scale  # (..., L)
     s_self = s_self.masked_fill(~self_mask, NEG_INF)
     lse1 = lse1.to(acc)
     lse = torch.logaddexp(lse1, s_self)
     w1 = torch.exp(lse1 - lse)  # weight of the known-key part
     ws = torch.exp(s_self - lse)  # probability of the self key (0 for known tokens)
-    out = (w1.unsqueeze(-1) * o1.to(acc) + ws.unsqueeze(-1) * v.to(acc)).to(q.dtype)
-    return out, lse, ws
+    out = o1.to(acc).mul_(w1.unsqueeze(-1)).addcmul_(ws.unsqueeze(-1), v.to(acc))
+    return out.to(q.dtype), lse, ws
 
 
-def _self_grads(dout: Tensor, out: Tensor, q: Tensor, k: Tensor, v: Tensor, ws: Tensor,
-                scale: float) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradients through the self term: dS = P_s * (dO.v - dO.O)."""
+def _self_grads(dout: Tensor, out: Tensor, q: Tensor, k: Tensor, v: Tensor, ws: Tensor, scale: float,
+                dq_kernel: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Add the self term's gradients: dS = P_s * (dO.v - dO.O); dq += dS k, dk = dS q, dv = P_s dO.
+
+    Returns full-length (dq, dk, dv) in the accumulation dtype; the caller adds the known-key
+    gradients of the fused kernel into dk/dv. ``dq_kernel`` is updated in place."""
     acc = _acc(q)
     dof = dout.to(acc)
-    d_row = (dof * out.to(acc)).sum(-1)  # D = rowsum(dO * O) of the union softmax
-    ds = ws * ((dof * v.to(acc)).sum(-1) - d_row)  # (..., L)
-    dq = (ds * scale).unsqueeze(-1) * k.to(acc)
-    dk = (ds * scale).unsqueeze(-1) * q.to(acc)
+    d_row = _rowdot(dof, out.to(acc))  # D = rowsum(dO * O) of the union softmax
+    ds = (ws * (_rowdot(dof, v.to(acc)) - d_row) * scale).unsqueeze(-1)  # (..., L, 1)
+    dq = dq_kernel.to(acc).addcmul_(ds, k.to(acc))
+    dk = ds * q.to(acc)
     dv = ws.unsqueeze(-1) * dof
     return dq, dk, dv
 
@@ -176,11 +187,10 @@ class _PaddedGenerativeAttention(torch.autograd.Function):
             dv[:, :, :n] = dvk
             return dq, dk, dv, None, None, None, None, None
         (ws,) = rest
-        dq_s, dk_s, dv_s = _self_grads(dout, out, q, k, v, ws, ctx.scale)
-        dq = (dq.to(dq_s.dtype) + dq_s).to(q.dtype)
-        dk_s[:, :, :n] += dkk.to(dk_s.dtype)
-        dv_s[:, :, :n] += dvk.to(dv_s.dtype)
-        return dq, dk_s.to(k.dtype), dv_s.to(v.dtype), None, None, None, None, None
+        dq, dk, dv = _self_grads(dout, out, q, k, v, ws, ctx.scale, dq)
+        dk[:, :, :n] += dkk.to(dk.dtype)
+        dv[:, :, :n] += dvk.to(dv.dtype)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None
 
 
 def _math_attention(q: Tensor, k: Tensor, v: Tensor, meta: AttentionMeta, scale: float) -> Tensor:
@@ -243,8 +253,8 @@ class _PackedGenerativeAttention(torch.autograd.Function):
             softcap=0.0, alibi_slopes=None, deterministic=False, rng_state=None)
         if ctx.any_unknown:
             (ws,) = rest
-            dq_s, dk, dv = _self_grads(dout, out, q, k, v, ws, ctx.scale)
-            dq = (dq.float() + dq_s).to(q.dtype)
+            dq, dk, dv = _self_grads(dout, out, q, k, v, ws, ctx.scale, dq)
+            dq = dq.to(q.dtype)
         else:
             dk = torch.zeros_like(k, dtype=torch.float32)
             dv = torch.zeros_like(v, dtype=torch.float32)
