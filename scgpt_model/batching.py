@@ -217,6 +217,12 @@ def assemble(cells: Sequence[CellTokens], *, backend: Backend = "sdpa", batch_la
 
 
 # ----------------------------------------------------------------------------------------------
+def _check_values(v: np.ndarray) -> None:
+    if v.size and not (np.isfinite(v).all() and v.min() >= 0):
+        raise ValueError("cell values must be finite, non-negative bins (0 .. n_bins-1); bin the data first "
+                         "(scgpt_model.binning.bin_csr)")
+
+
 def split_cell(genes: np.ndarray, values: np.ndarray, n_unknown: int, rng: np.random.Generator,
                condition: np.ndarray | None = None, modality: np.ndarray | None = None) -> CellTokens:
     """Choose ``n_unknown`` random genes as unknown; known first, unknown after."""
@@ -250,6 +256,7 @@ def collate_generative(genes: Sequence[np.ndarray], values: Sequence[np.ndarray]
         g, v = np.asarray(g), np.asarray(v, dtype=np.float32)
         if g.shape != v.shape:
             raise ValueError(f"a cell's genes and values differ in length ({g.shape} vs {v.shape})")
+        _check_values(v)
         keep = subsample(len(g), max_seq_len, rng)
         g, v = g[keep], v[keep]
         ratio = float(rng.choice(np.asarray(unknown_ratios, dtype=float)))
@@ -276,6 +283,8 @@ def collate_all_genes(genes: np.ndarray | Sequence[np.ndarray], values: np.ndarr
         raise ValueError(f"mode must be 'mlm' or 'generative', got {mode!r}")
     rng = as_generator(seed)
     n_cells = len(values)
+    if modality is not None and not (isinstance(genes, np.ndarray) and genes.ndim == 1):
+        raise ValueError("modality ids are per gene of a shared gene set: pass genes as one (G,) array")
     shared = isinstance(genes, np.ndarray) and genes.ndim == 1 and np.issubdtype(genes.dtype, np.integer)
     cells = []
     for i in range(n_cells):
@@ -283,6 +292,7 @@ def collate_all_genes(genes: np.ndarray | Sequence[np.ndarray], values: np.ndarr
         v = np.asarray(values[i], dtype=np.float32)
         if g.shape != v.shape:
             raise ValueError(f"cell {i}: {len(v)} values for {len(g)} genes")
+        _check_values(v)
         m = None if modality is None else np.asarray(modality)
         keep = subsample(len(g), max_seq_len, rng)
         g, v = g[keep], v[keep]

@@ -131,3 +131,10 @@ def test_bad_input_messages():
         collate_generative([np.array([3])], [np.array([1.0])], max_seq_len=5, seed=0, batch_labels=[0, 1])
     with pytest.raises(ValueError, match="backend"):
         collate_generative([np.array([3])], [np.array([1.0])], max_seq_len=5, seed=0, backend="xformers")
+
+
+def test_non_finite_or_negative_values_are_refused():
+    with pytest.raises(ValueError, match="bin the data first"):
+        collate_generative([np.array([3, 4])], [np.array([1.0, np.nan])], max_seq_len=5, seed=0)
+    with pytest.raises(ValueError, match="bin the data first"):
+        collate_all_genes(np.arange(3, 5), np.array([[1.0, -3.0]]), seed=0)
