@@ -36,7 +36,7 @@ def _metric_key(*parts: str) -> str:
 
 def model_tags(info: dict) -> dict[str, str]:
     keys = {"model_name": "model_name", "version": "model_version", "run_id": "source_run_id",
-            "uri": "model_uri", "manifest_hash": "data_manifest_hash", "preset": "model_preset"}
+            "uri": "model_uri", "manifest_hash": "data_manifest_hash", "source": "data_source"}
     return {tag: str(info[k]) for k, tag in keys.items() if info.get(k) not in (None, "")}
 
 
