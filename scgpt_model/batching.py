@@ -2,8 +2,11 @@
 
 Token order per cell is always ``[<cls>, known genes..., unknown genes...]``.
 
-* ``sdpa`` layout (padded): tensors (B, L) with L = Lk + Lu; columns [0, Lk) are the known block
-  (``<cls>`` at column 0, then known genes, then padding), columns [Lk, L) the unknown block.
+* ``sdpa`` layout (padded): tensors (B, L), each row ``[<cls>, known..., unknown..., <pad>...]``,
+  L = the longest cell + 1 (no more padding than any padded batch). The keys are the first
+  Lk = max(known + 1) columns (rounded up to 8) with a per-cell key mask that is True only on that
+  cell's <cls> and known genes; a cell's unknown genes that sit inside those columns are masked
+  out as keys, and every unknown token adds its own key through the self merge.
 * ``flash`` layout (packed): tensors (T,) with the cells back to back, no padding;
   ``cu_q``/``cu_k``/``max_q``/``max_k``/``known_index`` are computed here, once per batch, on the
   host, so the model never syncs with the device to find them.
@@ -44,8 +47,8 @@ class ModelBatch:
     loss_mask: Tensor  # bool, tokens the GEP/GEPC losses are computed on
     n_cells: int
     n_tokens: int  # real tokens (incl. <cls>), computed on the host
-    n_known: int = 0  # padded: width Lk of the known block
-    known_valid: Tensor | None = None  # padded: (B, Lk) bool, real known keys
+    n_known: int = 0  # padded: number Lk of leading columns that hold keys
+    known_valid: Tensor | None = None  # padded: (B, Lk) bool, the real known keys (<cls> + known genes)
     known_index: Tensor | None = None  # packed: (Tk,) rows that are keys
     cu_q: Tensor | None = None  # packed: (B+1,) int32 offsets of all tokens
     cu_k: Tensor | None = None  # packed: (B+1,) int32 offsets of the key rows
@@ -194,24 +197,23 @@ def assemble(cells: Sequence[CellTokens], *, backend: Backend = "sdpa", batch_la
             celltype_labels=_labels(celltype_labels, b, "celltype_labels"), unknown_count=int(n_unk.sum()))
 
     lk = int(-(-n_kn.max() // KNOWN_BLOCK_MULTIPLE) * KNOWN_BLOCK_MULTIPLE)
-    lu = int(n_unk.max())
-    arr = {f: np.zeros((b, lk + lu), dtype=dtypes[f]) for f in fields}
+    width = max(int((n_kn + n_unk).max()), lk)
+    arr = {f: np.zeros((b, width), dtype=dtypes[f]) for f in fields}
     arr["genes"][:] = PAD_ID
-    token_mask = np.zeros((b, lk + lu), dtype=bool)
+    token_mask = np.zeros((b, width), dtype=bool)
+    known_valid = np.zeros((b, lk), dtype=bool)
     for i, c in enumerate(cells):
-        kn, un = n_kn[i], n_unk[i]
+        n = n_kn[i] + n_unk[i]
         for f in fields:
-            row = field_of(c, f)
-            arr[f][i, :kn] = row[:kn]
-            arr[f][i, lk:lk + un] = row[kn:]
-        token_mask[i, :kn] = True
-        token_mask[i, lk:lk + un] = True
+            arr[f][i, :n] = field_of(c, f)
+        token_mask[i, :n] = True
+        known_valid[i, : n_kn[i]] = True
     t = {f: torch.from_numpy(arr[f]) for f in fields}
     tm = torch.from_numpy(token_mask)
     return ModelBatch(
         layout="padded", genes=t["genes"], values=t["values"], targets=t["targets"], token_mask=tm,
         unknown=t["unknown"], masked=t["masked"], loss_mask=t["loss"], n_cells=b, n_tokens=n_tokens,
-        n_known=lk, known_valid=tm[:, :lk].clone(), condition=t["condition"] if has_cond else None,
+        n_known=lk, known_valid=torch.from_numpy(known_valid), condition=t["condition"] if has_cond else None,
         modality=t["modality"] if has_mod else None, batch_labels=_labels(batch_labels, b, "batch_labels"),
         celltype_labels=_labels(celltype_labels, b, "celltype_labels"), unknown_count=int(n_unk.sum()))
 

@@ -27,16 +27,18 @@ def test_split_ratios_seeded_and_layout():
         ratio = n_unk / len(g)
         ratios.add(min((0.25, 0.5, 0.75), key=lambda r: abs(r - ratio)))
         assert any(n_unk == int(round(r * len(g))) for r in (0.25, 0.5, 0.75))
-        # known block: <cls> at column 0, then known genes, then padding; unknown block after n_known
-        assert a.genes[i, 0] == CLS_ID and a.token_mask[i, 0]
-        known = a.genes[i, 1:a.n_known][a.token_mask[i, 1:a.n_known]]
-        unknown = a.genes[i, a.n_known:][a.token_mask[i, a.n_known:]]
-        assert sorted(torch.cat([known, unknown]).tolist()) == sorted(g.tolist())
-        assert a.unknown[i, a.n_known:][a.token_mask[i, a.n_known:]].all() and not a.unknown[i, :a.n_known].any()
+        # row layout: [<cls>, known..., unknown..., <pad>...]; keys = the cell's <cls> + known genes
+        n = len(g) + 1
+        n_kn = n - n_unk
+        row = a.genes[i]
+        assert row[0] == CLS_ID and a.token_mask[i, :n].all() and not a.token_mask[i, n:].any()
+        assert sorted(row[1:n].tolist()) == sorted(g.tolist())
+        assert not a.unknown[i, :n_kn].any() and a.unknown[i, n_kn:n].all() and not a.unknown[i, n:].any()
+        assert a.known_valid[i].sum() == n_kn and a.known_valid[i, :n_kn].all()
         assert torch.equal(a.loss_mask[i], a.unknown[i])
         assert (a.genes[i][~a.token_mask[i]] == PAD_ID).all()
     assert ratios == {0.25, 0.5, 0.75}
-    assert a.n_known % 8 == 0
+    assert a.n_known % 8 == 0 and a.genes.shape[1] == max(max(len(g) for g in genes) + 1, a.n_known)
     assert a.n_tokens == sum(len(g) + 1 for g in genes) == int(a.token_mask.sum())
     assert 0 <= a.padding_fraction < 1
 
