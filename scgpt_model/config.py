@@ -28,7 +28,7 @@ class ObjectiveConfig:
     gep: bool = True  # gene expression prediction on masked/unknown tokens (§4.4 eq. 10)
     gep_loss: GepLoss = "mse"  # "mse" on bin values as the reference code; "ce" over bins as eq. 10
     gep_weight: float = 1.0
-    gepc: bool = True  # GEPC / "MVC": value from cell embedding x gene query (eq. 11); on in the release
+    gepc: bool = True  # GEPC / "MVC": value = gene query . W cell embedding (eq. 11; a scalar, so MSE); on in the release
     gepc_weight: float = 1.0
     ecs: bool = False  # elastic cell similarity (eq. 12); fine-tuning for integration only
     ecs_beta: float = 0.6  # paper §4.8: beta = 0.6
