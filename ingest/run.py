@@ -236,6 +236,8 @@ def run_ingest(cfg: IngestConfig) -> dict:
     """Run (or resume) an ingest; returns the final manifest."""
     t_start = time.perf_counter()
     p = plan(cfg)
+    t_plan = time.perf_counter() - t_start
+    t_ray = t_chunks = 0.0
     out = OutputDir(cfg.out)
     shards = out.open(p.args)
     ok = usage_error = False
@@ -249,8 +251,11 @@ def run_ingest(cfg: IngestConfig) -> dict:
         log.info("ingest: %d cells matched, %d to ingest in %d shards (%d already done, resuming) -> %s",
                  p.n_matched, p.joinids.size, len(chunks), len(shards), out.path)
         if todo:
+            t0 = time.perf_counter()
             started_ray = _init_ray(cfg)
+            t_ray = time.perf_counter() - t0
             _run_chunks(cfg, p, out.path, chunks, todo, shards, n_skip)
+            t_chunks = time.perf_counter() - t0 - t_ray
         manifest = write_manifest(out.path, _manifest(p, cfg, shards, complete=True))
         ok = True
     except IngestError:
@@ -268,6 +273,9 @@ def run_ingest(cfg: IngestConfig) -> dict:
              "%d store genes not in vocab; %.1fs (%.0f cells/s); manifest %s", t["cells"], len(manifest["shards"]),
              t["n_train"], t["n_val"], t["nonzeros"], t["cells_dropped_min_genes"], t["genes_dropped"], dt,
              t["cells"] / max(dt, 1e-9), manifest["manifest_hash"][:16])
+    n_new = sum(len(chunks[i]) for i in todo)
+    log.info("ingest timing: plan %.2fs, ray start %.2fs, chunks %.2fs (%.0f cells/s over %d new cells)", t_plan,
+             t_ray, t_chunks, n_new / max(t_chunks, 1e-9), n_new)
     return manifest
 
 

@@ -1,0 +1,234 @@
+"""Ingest throughput and memory on a synthetic Census-layout store (issue 2's benchmark).
+
+Measures, on the same query over the same store:
+  * raw read   - iterating ``ExperimentAxisQuery.X("raw").tables()`` with no processing (the ceiling);
+  * ingest     - the real ``ingest census`` CLI end to end (local Ray, shards + manifest), cells/s
+                 with and without Ray start-up, and the peak RSS of its whole process tree
+                 (driver + raylet + Ray workers) and of the largest single worker;
+  * reference  - the reference-style pipeline: ``cellxgene_census.get_anndata`` per chunk, then a
+                 per-cell numpy binning loop (np.quantile + np.digitize + random tie draws), on a
+                 prefix of the query (it is slow), reported as cells/s.
+Memory flatness: ingest peak RSS for the first 50k cells vs all 200k cells.
+
+    python benchmarks/bench_ingest.py --store /tmp/bench_ingest/synth200k --work /tmp/bench_ingest/work
+
+Builds the store first (``ingest synth-census``) when it does not exist. Writes a Markdown
+section to benchmarks/results/ingest.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results" / "ingest.md"
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(RAY_AUTH_MODE="disabled", MASTER_ADDR="127.0.0.1", RAY_USAGE_STATS_ENABLED="0")
+    return env
+
+
+class TreeRSS:
+    """Polls the RSS of a process and all its descendants (incl. Ray workers) every ``dt`` s."""
+
+    def __init__(self, pid: int, dt_s: float = 0.2) -> None:
+        import psutil
+
+        self.proc, self.dt = psutil.Process(pid), dt_s
+        self.peak_total = self.peak_single = 0
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+
+    def _run(self) -> None:
+        import psutil
+
+        while not self._stop.is_set():
+            try:
+                procs = [self.proc, *self.proc.children(recursive=True)]
+                rss = []
+                for p in procs:
+                    try:
+                        rss.append((p.memory_info().rss, p.name()))
+                    except psutil.Error:
+                        pass
+                self.peak_total = max(self.peak_total, sum(r for r, _ in rss))
+                workers = [r for r, n in rss if "ray::" in n or "default_worker" in n or "IDLE" in n]
+                if workers:
+                    self.peak_single = max(self.peak_single, max(workers))
+            except psutil.Error:
+                pass
+            time.sleep(self.dt)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._t.join()
+
+
+def run_ingest(store: Path, out: Path, extra: list[str]) -> dict:
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = [sys.executable, "-m", "ingest.cli", "census", "--census-uri", str(store), "--include-non-primary",
+           "--cells-per-shard", "10000", "--num-cpus", "2", "--out", str(out), *extra]
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    mon = TreeRSS(proc.pid)
+    stdout, stderr = proc.communicate()
+    wall = time.perf_counter() - t0
+    mon.stop()
+    if proc.returncode != 0:
+        raise RuntimeError(f"ingest failed:\n{stderr[-3000:]}")
+    m = re.search(r"ingest timing: plan ([\d.]+)s, ray start ([\d.]+)s, chunks ([\d.]+)s", stderr)
+    cells = json.loads(stdout.strip().splitlines()[-1])["cells"]
+    return {"cells": cells, "wall_s": wall, "plan_s": float(m[1]), "ray_s": float(m[2]), "chunks_s": float(m[3]),
+            "peak_rss_tree_mb": mon.peak_total / 2**20, "peak_rss_worker_mb": mon.peak_single / 2**20}
+
+
+def raw_read(store: Path, value_filter: str | None) -> dict:
+    import cellxgene_census
+    import tiledbsoma as soma
+
+    t0 = time.perf_counter()
+    nnz = 0
+    with cellxgene_census.open_soma(uri=str(store)) as census:
+        exp = census["census_data"]["homo_sapiens"]
+        with exp.axis_query("RNA", obs_query=soma.AxisQuery(value_filter=value_filter)) as q:
+            n_cells = q.n_obs
+            for tbl in q.X("raw").tables():
+                nnz += tbl.num_rows
+    return {"cells": n_cells, "nnz": nnz, "wall_s": time.perf_counter() - t0}
+
+
+def _reference_binning(row: np.ndarray, n_bins: int, rng: np.random.Generator) -> np.ndarray:
+    """The reference scGPT per-cell binning (preprocess.binning / _digitize), one cell."""
+    nz = row[row > 0]
+    bins = np.quantile(nz, np.linspace(0, 1, n_bins - 1))
+    left = np.digitize(nz, bins)
+    right = np.digitize(nz, bins, right=True)
+    digits = np.ceil(rng.random(nz.size) * (left - right) + right).astype(np.int64)
+    out = np.zeros_like(row, dtype=np.int64)
+    out[row > 0] = digits
+    return out
+
+
+def reference_pipeline(store: Path, n_cells: int, chunk: int = 5000) -> dict:
+    """get_anndata per chunk of joinids, then a per-cell numpy loop (dense rows, as the reference does)."""
+    import cellxgene_census
+
+    rng = np.random.default_rng(0)
+    t0 = time.perf_counter()
+    done = 0
+    with cellxgene_census.open_soma(uri=str(store)) as census:
+        for start in range(0, n_cells, chunk):
+            ad = cellxgene_census.get_anndata(census, "Homo sapiens", obs_coords=slice(start, start + chunk - 1))
+            X = ad.X.tocsr()
+            for i in range(X.shape[0]):
+                _reference_binning(X[i].toarray().ravel(), 51, rng)
+            done += X.shape[0]
+    return {"cells": done, "wall_s": time.perf_counter() - t0}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--store", type=Path, default=Path("/tmp/bench_ingest/synth200k"))
+    ap.add_argument("--work", type=Path, default=Path("/tmp/bench_ingest/work"))
+    ap.add_argument("--cells", type=int, default=200_000, help="store size when it has to be built")
+    ap.add_argument("--small", type=int, default=50_000, help="cells of the small run (memory comparison)")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--ref-cells", type=int, default=10_000, help="cells the slow reference pipeline processes")
+    ap.add_argument("--no-write", action="store_true")
+    args = ap.parse_args()
+    if not args.store.exists():
+        subprocess.run([sys.executable, "-m", "ingest.cli", "synth-census", "--cells", str(args.cells), "--genes",
+                        "20000", "--out", str(args.store)], cwd=REPO, env=_env(), check=True)
+    args.work.mkdir(parents=True, exist_ok=True)
+
+    raw = [raw_read(args.store, None) for _ in range(args.repeats)]
+    full = [run_ingest(args.store, args.work / "full", []) for _ in range(args.repeats)]
+    small = run_ingest(args.store, args.work / "small", ["--obs-filter", f"soma_joinid < {args.small}"])
+    ref = [reference_pipeline(args.store, args.ref_cells) for _ in range(max(1, args.repeats - 1))]
+    shutil.rmtree(args.work, ignore_errors=True)
+
+    n = raw[0]["cells"]
+    nnz_per_cell = raw[0]["nnz"] / n
+    raw_rate = statistics.median(r["cells"] / r["wall_s"] for r in raw)
+    ing_e2e = statistics.median(r["cells"] / r["wall_s"] for r in full)
+    ing_steady = statistics.median(r["cells"] / r["chunks_s"] for r in full)
+    ref_rate = statistics.median(r["cells"] / r["wall_s"] for r in ref)
+    peak_full = statistics.median(r["peak_rss_tree_mb"] for r in full)
+    peak_full_w = statistics.median(r["peak_rss_worker_mb"] for r in full)
+    res = {
+        "cells": n, "nnz_per_cell": nnz_per_cell, "raw_read_cells_s": raw_rate,
+        "ingest_e2e_cells_s": ing_e2e, "ingest_chunks_cells_s": ing_steady, "reference_cells_s": ref_rate,
+        "ratio_ingest_e2e_vs_raw": ing_e2e / raw_rate, "ratio_ingest_chunks_vs_raw": ing_steady / raw_rate,
+        "ratio_ingest_e2e_vs_reference": ing_e2e / ref_rate,
+        "peak_rss_tree_mb_small": small["peak_rss_tree_mb"], "peak_rss_tree_mb_full": peak_full,
+        "peak_rss_worker_mb_small": small["peak_rss_worker_mb"], "peak_rss_worker_mb_full": peak_full_w,
+        "small_cells": small["cells"], "raw_runs": raw, "ingest_runs": full, "small_run": small, "ref_runs": ref,
+    }
+    print(json.dumps(res, indent=1))
+    if not args.no_write:
+        write_markdown(res, args)
+
+
+def write_markdown(r: dict, args: argparse.Namespace) -> None:
+    cmd = "python benchmarks/bench_ingest.py --store " + str(args.store) + f" --repeats {args.repeats}"
+    walls = ", ".join(f"{x['wall_s']:.1f}" for x in r["ingest_runs"])
+    lines = [
+        "## Ingest (`ingest census`)",
+        "",
+        f"- Command: `{cmd}` (store built by `ingest synth-census --cells {r['cells']} --genes 20000`).",
+        f"- Machine: 2-core CPU VM, shared with other jobs (timings are noisy), {platform.python_version()}, "
+        f"{dt.datetime.now(dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}.",
+        f"- Store: {r['cells']:,} synthetic cells x 20,000 genes, {r['nnz_per_cell']:.0f} nonzeros per cell; the query is "
+        "all cells (`--include-non-primary`), 10,000 cells per shard, local Ray with 2 CPUs.",
+        f"- Medians of {args.repeats} runs (reference: {max(1, args.repeats - 1)} runs of {args.ref_cells:,} cells).",
+        "",
+        "| pipeline | cells/s | vs raw read | vs reference |",
+        "|---|---:|---:|---:|",
+        f"| raw read: `axis_query(...).X(\"raw\").tables()`, no processing (ceiling) | {r['raw_read_cells_s']:,.0f} | 1.00 | "
+        f"{r['raw_read_cells_s'] / r['reference_cells_s']:.1f}x |",
+        f"| `ingest census`, end to end incl. Ray start-up and query | {r['ingest_e2e_cells_s']:,.0f} | "
+        f"{r['ratio_ingest_e2e_vs_raw']:.2f} | {r['ratio_ingest_e2e_vs_reference']:.1f}x |",
+        f"| `ingest census`, chunk phase only (Ray running) | {r['ingest_chunks_cells_s']:,.0f} | "
+        f"{r['ratio_ingest_chunks_vs_raw']:.2f} | {r['ingest_chunks_cells_s'] / r['reference_cells_s']:.1f}x |",
+        f"| reference-style: `get_anndata` per 5k-cell chunk + per-cell numpy binning loop | "
+        f"{r['reference_cells_s']:,.0f} | {r['reference_cells_s'] / r['raw_read_cells_s']:.2f} | 1.0x |",
+        "",
+        f"Ingest wall times (s): {walls}. Ingest writes shards (zstd Parquet) and checksums them; the raw read does "
+        "nothing with the data.",
+        "",
+        "Peak memory of `ingest census` (RSS of the whole process tree: driver + raylet + agents + 2 workers; "
+        "and of the largest single Ray worker):",
+        "",
+        "| cells ingested | peak RSS, process tree | peak RSS, one worker |",
+        "|---:|---:|---:|",
+        f"| {r['small_cells']:,} | {r['peak_rss_tree_mb_small']:,.0f} MB | {r['peak_rss_worker_mb_small']:,.0f} MB |",
+        f"| {r['cells']:,} | {r['peak_rss_tree_mb_full']:,.0f} MB | {r['peak_rss_worker_mb_full']:,.0f} MB |",
+        "",
+        "Targets (issue 2): ingest >= 0.6 of the raw read rate; >= 3x the reference-style pipeline; peak memory flat "
+        "in the number of cells.",
+        "",
+    ]
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text("\n".join(lines))
+    print(f"wrote {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()
