@@ -88,6 +88,7 @@ class ClusterConfig:
     use_gpu: bool = False
     ray_address: str | None = None  # None: start a local Ray on loopback
     cpus_per_worker: float = 1.0
+    peak_tflops: float = 989.0  # per-GPU dense bf16 peak for MFU (H100/H200 SXM: 989 TFLOP/s)
     storage_path: str = "runs/train"  # Ray Train storage (checkpoints); shared FS or s3:// on clusters
     run_name: str | None = None  # default: <model_name>-<UTC timestamp>
 

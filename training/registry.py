@@ -156,6 +156,7 @@ def load_registered_model(uri: str, tracking_uri: str | None = None, map_locatio
         import mlflow
 
         mlflow.set_tracking_uri(where["tracking_uri"])
+        mlflow.set_registry_uri(where["tracking_uri"])  # models:/ downloads go through the registry
         dest = Path(tempfile.mkdtemp(prefix="scgpt-model-"))
         ver_uri = f"models:/{where['model_name']}/{where['version']}"
         try:

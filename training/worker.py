@@ -90,16 +90,13 @@ def validate(engine, cfg: TrainConfig, mcfg, store: D.ShardStore, plan: list[np.
     return {f"val_{k}": red[i] / max(red[-1], 1) for i, k in enumerate(keys)}
 
 
-def _mfu(mcfg, tokens_per_s: float, on_gpu: bool) -> float | None:
-    if not on_gpu:
-        return None
-    try:
-        from scgpt_model import flops
+def _batch_flops(mcfg, batch) -> float:
+    """Model FLOPs of one training micro-batch (fwd + bwd), per cell at the batch's mean shape."""
+    from scgpt_model.flops import estimate_flops
 
-        peak = float(torch.cuda.get_device_properties(0).total_memory and 989e12)  # H100/H200 bf16 dense
-        return flops.training_flops_per_token(mcfg) * tokens_per_s / peak  # type: ignore[attr-defined]
-    except Exception:  # the helper is optional; MFU is a nice-to-have metric
-        return None
+    per_cell_tokens = max(1, round(batch.n_tokens / batch.n_cells))
+    per_cell_keys = max(1, round((batch.n_tokens - batch.unknown_count) / batch.n_cells))
+    return float(batch.n_cells * estimate_flops(mcfg, per_cell_tokens, per_cell_keys, training=True))
 
 
 def save_checkpoint(engine, state: dict[str, Any], metrics: dict[str, float], rank: int) -> None:
@@ -200,6 +197,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             acc["cells"] = acc.get("cells", 0.0) + batch.n_cells
             acc["tokens"] = acc.get("tokens", 0.0) + batch.n_tokens
             acc["slots"] = acc.get("slots", 0.0) + batch.genes.numel()
+            if on_gpu:  # MFU only means something against a known accelerator peak
+                acc["flops"] = acc.get("flops", 0.0) + _batch_flops(mcfg, batch)
             if (lb.index + 1) % ga:
                 continue
             # ---- one optimizer step done (the plan has a multiple of ga batches per epoch)
@@ -217,9 +216,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 "cells_per_s": red["cells"] / dt, "tokens_per_s": red["tokens"] / dt,
                 "padding_fraction": 1.0 - red["tokens"] / max(red["slots"], 1.0), "epoch": float(epoch),
             })
-            mfu = _mfu(mcfg, metrics["tokens_per_s"], on_gpu)
-            if mfu is not None:
-                metrics["mfu"] = mfu
+            if "flops" in red:  # global FLOPs / (wall x world x per-device peak)
+                metrics["mfu"] = red["flops"] / dt / (world * cfg.cluster.peak_tflops * 1e12)
             done = step >= total_steps
             if step % cfg.schedule.val_every == 0 or done:
                 metrics.update(validate(engine, cfg, mcfg, val_store, val_plan, device, bf16, rank))
