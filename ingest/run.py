@@ -223,7 +223,9 @@ def _init_ray(cfg: IngestConfig) -> bool:
     if cfg.ray_address:
         ray.init(address=cfg.ray_address, logging_level=logging.WARNING)
     else:
-        ray.init(num_cpus=cfg.num_cpus or os.cpu_count(), _node_ip_address="127.0.0.1", include_dashboard=False,
+        # address="local": always a fresh cluster owned by this process, never one found on the machine
+        ray.init(address="local", num_cpus=cfg.num_cpus or os.cpu_count(), _node_ip_address="127.0.0.1",
+                 include_dashboard=False,
                  logging_level=logging.WARNING, configure_logging=False)
     return True
 

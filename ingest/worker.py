@@ -39,16 +39,29 @@ def shard_name(index: int) -> str:
     return f"shards/part-{index:05d}.parquet"
 
 
-def read_chunk(exp, joinids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Stream the chunk's X rows as Arrow tables; returns flat (row_joinid, var_joinid, value)."""
-    d0, d1, val = [], [], []
+def read_chunk(exp, joinids: np.ndarray, var_to_vocab: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Stream the chunk's X rows as Arrow tables, compacting each table as it arrives.
+
+    Returns flat (nnz,) arrays: row (int32, index into ``joinids``), gene (int32 vocabulary id,
+    -1 = not in the vocabulary), value (float32). Counts are checked table by table.
+    """
+    rows, genes, vals = [], [], []
     for tbl in exp.ms["RNA"].X["raw"].read(coords=(joinids,)).tables():
-        d0.append(tbl.column("soma_dim_0").to_numpy())
-        d1.append(tbl.column("soma_dim_1").to_numpy())
-        val.append(tbl.column("soma_data").to_numpy())
-    if not d0:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
-    return np.concatenate(d0), np.concatenate(d1), np.concatenate(val)
+        d0 = tbl.column("soma_dim_0").to_numpy()
+        val = tbl.column("soma_data").to_numpy()
+        check_chunk_counts(val, d0)
+        if d0.size and np.all(d0[1:] >= d0[:-1]):  # row-major (the usual case): map runs, not every value
+            starts = np.flatnonzero(d0[1:] != d0[:-1]) + 1
+            bounds = np.concatenate([[0], starts, [d0.size]])
+            row = np.repeat(np.searchsorted(joinids, d0[bounds[:-1]]).astype(np.int32), np.diff(bounds))
+        else:
+            row = np.searchsorted(joinids, d0).astype(np.int32)
+        rows.append(row)
+        genes.append(var_to_vocab[tbl.column("soma_dim_1").to_numpy()])
+        vals.append(val.astype(np.float32, copy=False))
+    if not rows:
+        return np.zeros(0, np.int32), np.zeros(0, np.int32), np.zeros(0, np.float32)
+    return np.concatenate(rows), np.concatenate(genes), np.concatenate(vals)
 
 
 def check_chunk_counts(values: np.ndarray, joinids: np.ndarray) -> None:
@@ -103,20 +116,21 @@ def process_chunk(spec: dict) -> dict:
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
     with open_census(spec["source"]) as census:
         exp = experiment_of(census, spec["organism"], "store")
-        d0, d1, val = read_chunk(exp, joinids)
+        row, gid, val = read_chunk(exp, joinids, np.asarray(spec["var_to_vocab"], dtype=np.int32))
         t_read = time.perf_counter() - t0
-        check_chunk_counts(val, d0)
-        gid = np.asarray(spec["var_to_vocab"])[d1]  # (nnz,) vocabulary ids, -1 = dropped gene
-        keep = (gid >= 0) & (val != 0)
-        row = np.searchsorted(joinids, d0[keep])
-        gid, val = gid[keep].astype(np.int64), val[keep].astype(np.float32)
-        # rows ascending, genes ascending within a row; X reads are row-major, so the sort is
-        # needed only when the vocabulary order differs from var order
-        key = row * (int(gid.max()) + 1 if gid.size else 1) + gid
-        if key.size and np.any(key[1:] < key[:-1]):
-            order = np.argsort(key, kind="stable")
-            key, row, gid, val = key[order], row[order], gid[order], val[order]
-        if spec.get("merge_duplicates") and key.size:  # several var genes -> one token (symbol keys)
+        if gid.size and ((gid < 0).any() or (val == 0).any()):  # genes not in the vocabulary, explicit zeros
+            keep = (gid >= 0) & (val != 0)
+            row, gid, val = row[keep], gid[keep], val[keep]
+        # rows ascending, genes ascending within a row. X reads are row-major and var order is
+        # the default vocabulary order, so the sort is needed only for a reordering --vocab
+        key = None
+        if gid.size:
+            same_row = row[1:] == row[:-1]
+            if not np.all((row[1:] > row[:-1]) | (same_row & (gid[1:] > gid[:-1]))):
+                key = row.astype(np.int64) * (int(gid.max()) + 1) + gid
+                order = np.argsort(key, kind="stable")
+                key, row, gid, val = key[order], row[order], gid[order], val[order]
+        if spec.get("merge_duplicates") and key is not None:  # several var genes -> one token (symbol keys)
             first = np.concatenate([[True], key[1:] != key[:-1]])
             starts = np.flatnonzero(first)
             val = np.add.reduceat(val, starts).astype(np.float32)
