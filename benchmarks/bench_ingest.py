@@ -134,6 +134,7 @@ def reference_pipeline(store: Path, n_cells: int, chunk: int = 5000) -> dict:
     t0 = time.perf_counter()
     done = 0
     with cellxgene_census.open_soma(uri=str(store)) as census:
+        chunk = min(chunk, n_cells)
         for start in range(0, n_cells, chunk):
             ad = cellxgene_census.get_anndata(census, "Homo sapiens", obs_coords=slice(start, start + chunk - 1))
             X = ad.X.tocsr()
