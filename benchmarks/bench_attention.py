@@ -158,7 +158,8 @@ def peak_memory_child(impl: str, length: int, ratio: float) -> int:
 
 def measure_memory(impl: str, length: int, ratio: float) -> int:
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
-    res = subprocess.run([sys.executable, __file__, "--child", impl, str(length), str(ratio)], env=env,
+    res = subprocess.run([sys.executable, __file__, "--threads", str(torch.get_num_threads()), "--child", impl,
+                          str(length), str(ratio)], env=env,
                          capture_output=True, text=True, check=True)
     return int(res.stdout.strip().splitlines()[-1])
 
@@ -167,6 +168,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "model.md"))
+    ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch default)")
+    ap.add_argument("--append", action="store_true", help="append the section to --out instead of replacing it")
     ap.add_argument("--skip-naive", action="store_true", help="skip the (slow) naive split timings")
     ap.add_argument("--gpu-model", action="store_true",
                     help="on CUDA: tokens/s and MFU of a preset in bf16 with flash and sdpa (appends to --out)")
@@ -175,6 +178,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.gpu_model:
         from scgpt_model.attention import flash_available
 
@@ -218,9 +223,11 @@ def main() -> None:
 
     targets = {0.25: 1.3, 0.5: 1.7, 0.75: 3.0}
     lines = [
-        "## Generative attention vs dense mask (model helper, `benchmarks/bench_attention.py`)",
+        f"## Generative attention vs dense mask, {torch.get_num_threads()} thread(s) "
+        "(model helper, `benchmarks/bench_attention.py`)",
         "",
-        f"Command: `.venv/bin/python benchmarks/bench_attention.py --repeats {args.repeats}`  ",
+        f"Command: `.venv/bin/python benchmarks/bench_attention.py --repeats {args.repeats}"
+        f"{f' --threads {args.threads}' if args.threads else ''}`  ",
         f"Machine: 2-core CPU ({platform.processor() or platform.machine()}), shared with other jobs, "
         f"torch {torch.__version__}, {torch.get_num_threads()} threads; date {dt.date.today().isoformat()}.  ",
         f"Attention only, forward + backward, batch {B}, {H} heads of {DH}, 1,201 tokens, float32; "
@@ -250,7 +257,8 @@ def main() -> None:
     print(text)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
+    with open(out, "a" if args.append else "w") as f:
+        f.write(("\n" if args.append else "") + text)
     (out.with_suffix(".json")).write_text(json.dumps({"rows": rows, "memory": mem_rows, "quadratic": quad}, indent=1))
 
 
