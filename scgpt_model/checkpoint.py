@@ -209,7 +209,9 @@ def _official_config(args: dict, state: dict[str, torch.Tensor], vocab_size: int
         dsbn_affine=any(k.startswith("dsbn.bns.") and k.endswith(".weight") for k in state),
         n_cell_types=cls_w.shape[0] if cls_w is not None else 0,
         n_cls_layers=int(arg("n_layers_cls", "nlayers_cls", default=3)),
-        explicit_zero_prob="decoder.zero_logit.0.weight" in state, objectives=objectives)
+        explicit_zero_prob="decoder.zero_logit.0.weight" in state, objectives=objectives,
+        reference_unknown_skip_out_proj=bool(arg("USE_GENERATIVE_TRAINING", "use_generative_training",
+                                                 default=False)))
 
 
 def import_official(dirpath: str | Path, map_location: str | torch.device = "cpu",

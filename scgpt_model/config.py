@@ -66,6 +66,8 @@ class ModelConfig:
     norm_scheme: NormScheme = "post"  # released layers are post-norm
     activation: Activation = "relu"  # released FFN activation
     layer_norm_eps: float = 1e-5  # torch default, as released
+    reference_unknown_skip_out_proj: bool = False  # released generative layers skip out_proj for unknown
+    # tokens (a reference quirk); the official import sets it when the checkpoint was trained generatively
     attention_backend: AttentionBackend = "auto"  # auto: flash when installed and on CUDA, else sdpa
     n_conditions: int = 0  # per-gene condition tokens (perturbation flags); 0 = no condition embedding
     n_batches: int = 0  # batch labels known to the model (DAR, DSBN, batch embedding)

@@ -105,11 +105,14 @@ def grad_reverse(x: Tensor, lambd: float = 1.0) -> Tensor:
 class SelfAttention(nn.Module):
     """Fused qkv projection (in_proj layout: q, k, v stacked) + generative attention + out proj."""
 
-    def __init__(self, d_model: int, n_heads: int) -> None:
+    def __init__(self, d_model: int, n_heads: int, unknown_skip_out_proj: bool = False) -> None:
         super().__init__()
         self.n_heads = n_heads
         self.qkv = nn.Linear(d_model, 3 * d_model)
         self.out = nn.Linear(d_model, d_model)
+        # the released generative layer returns unknown tokens' attention without out_proj (a quirk
+        # kept only to reproduce imported official checkpoints on generative batches)
+        self.unknown_skip_out_proj = unknown_skip_out_proj
 
     def forward(self, x: Tensor, meta: AttentionMeta) -> Tensor:
         """sdpa: x (B, L, D); flash: x (T, D)."""
@@ -123,16 +126,20 @@ class SelfAttention(nn.Module):
             b, n = x.shape[:2]
             q, k, v = qkv.view(b, n, 3, h, -1).permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, L, Dh)
             o = generative_attention(q, k, v, meta).transpose(1, 2).reshape(b, n, -1)
-        return self.out(o)
+        out = self.out(o)
+        if self.unknown_skip_out_proj and meta.any_unknown:
+            unk = meta.self_mask.reshape(*o.shape[:-1], 1)  # (B, L, 1) or (T, 1)
+            out = torch.where(unk, o, out)
+        return out
 
 
 class TransformerLayer(nn.Module):
     """Post-norm (released) or pre-norm transformer block with the generative attention."""
 
     def __init__(self, d_model: int, n_heads: int, d_ffn: int, dropout: float, norm_scheme: str,
-                 activation: str, eps: float) -> None:
+                 activation: str, eps: float, unknown_skip_out_proj: bool = False) -> None:
         super().__init__()
-        self.attn = SelfAttention(d_model, n_heads)
+        self.attn = SelfAttention(d_model, n_heads, unknown_skip_out_proj)
         self.linear1 = nn.Linear(d_model, d_ffn)
         self.linear2 = nn.Linear(d_ffn, d_model)
         self.norm1 = nn.LayerNorm(d_model, eps=eps)

@@ -58,7 +58,7 @@ class ScGPT(nn.Module):
         self.input_dropout = nn.Dropout(cfg.dropout)
         self.layers = nn.ModuleList(
             TransformerLayer(d, cfg.n_heads, cfg.d_ffn, cfg.dropout, cfg.norm_scheme, cfg.activation,
-                             cfg.layer_norm_eps) for _ in range(cfg.n_layers))
+                             cfg.layer_norm_eps, cfg.reference_unknown_skip_out_proj) for _ in range(cfg.n_layers))
         self.final_norm = nn.LayerNorm(d, eps=cfg.layer_norm_eps) if cfg.norm_scheme == "pre" else None
         obj = cfg.objectives
         d_head = cfg.head_input_dim

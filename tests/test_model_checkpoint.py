@@ -72,6 +72,35 @@ class ReleasedArchitecture(nn.Module):
         return cell, pred, mvc, self.cls_decoder.out_layer(c)
 
 
+    def generative(self, pcpt_src, pcpt_values, pcpt_kpm, gen_src, gen_kpm):
+        """The released generative path: known ("pcpt") tokens run ordinary layers; each unknown
+        ("gen") query attends to the pcpt keys and its own key; its context skips out_proj."""
+        enc = lambda ids: self.encoder.enc_norm(self.encoder.embedding(ids))  # noqa: E731
+        x = torch.clamp(pcpt_values.unsqueeze(-1), max=512)
+        p = enc(pcpt_src) + self.value_encoder.norm(
+            self.value_encoder.linear2(torch.relu(self.value_encoder.linear1(x))))
+        g = enc(gen_src) + self.flag_encoder.weight[1]
+        b, n_p, n_g = p.shape[0], p.shape[1], g.shape[1]
+        allow = torch.zeros(b, n_g, n_p + n_g, dtype=torch.bool)
+        allow[:, :, :n_p] = ~pcpt_kpm[:, None, :]
+        allow[:, torch.arange(n_g), n_p + torch.arange(n_g)] = True
+        dh = D // HEADS
+        for layer in self.transformer_encoder.layers:
+            w, bias = layer.self_attn.in_proj_weight, layer.self_attn.in_proj_bias
+            qkv_p = nn.functional.linear(p, w, bias).view(b, n_p, 3, HEADS, dh)
+            qkv_g = nn.functional.linear(g, w, bias).view(b, n_g, 3, HEADS, dh)
+            q = qkv_g[:, :, 0].transpose(1, 2)  # (b, h, n_g, dh)
+            k = torch.cat([qkv_p[:, :, 1], qkv_g[:, :, 1]], 1).transpose(1, 2)
+            v = torch.cat([qkv_p[:, :, 2], qkv_g[:, :, 2]], 1).transpose(1, 2)
+            s = (q @ k.transpose(-1, -2)) / dh ** 0.5
+            ctx = torch.softmax(s.masked_fill(~allow[:, None], float("-inf")), -1) @ v
+            ctx = ctx.transpose(1, 2).reshape(b, n_g, D)  # no out_proj here (the quirk)
+            g = layer.norm1(g + ctx)
+            g = layer.norm2(g + layer.linear2(torch.relu(layer.linear1(g))))
+            p = layer(p, src_key_padding_mask=pcpt_kpm)
+        return p, g, self.decoder.fc(p).squeeze(-1), self.decoder.fc(g).squeeze(-1)
+
+
 def _official_folder(tmp_path, naming: str, extra_key: bool):
     rnd = random.Random(0)
     genes = [f"GENE{i}" for i in range(N_GENES)]
@@ -148,6 +177,51 @@ def test_official_import_reproduces_the_released_forward(tmp_path, naming, extra
     assert c3 == cfg and v3 == vocab
     with torch.no_grad():
         torch.testing.assert_close(m3.eval()(batch, compute_loss=False).cell_emb, cell_r, atol=1e-5, rtol=1e-5)
+
+
+def test_official_import_reproduces_the_released_generative_forward(tmp_path):
+    from scgpt_model.batching import CellTokens, assemble
+
+    folder, ref, mapping = _official_folder(tmp_path, "Wqkv", False)
+    model, vocab, cfg, _ = import_official(folder)
+    assert cfg.reference_unknown_skip_out_proj
+    model.eval()
+    rng = np.random.default_rng(1)
+    n_known, n_unknown = (8, 0, 20), (5, 9, 3)  # the second cell has no known gene at all
+    cells, ref_p, ref_g = [], [], []
+    for nk, nu in zip(n_known, n_unknown):
+        ids = rng.choice(N_GENES, size=nk + nu, replace=False)
+        vals = rng.integers(1, 51, size=nk + nu).astype(np.float32)
+        ours = vocab.encode([f"GENE{j}" for j in ids]).astype(np.int64)
+        unk = np.arange(nk + nu) >= nk
+        cells.append(CellTokens(genes=ours, values=vals, targets=vals, unknown=unk, masked=np.zeros_like(unk),
+                                loss=unk.copy()))
+        ref_p.append(([mapping["<cls>"]] + [mapping[f"GENE{j}"] for j in ids[:nk]], [PAD_VALUE, *vals[:nk]]))
+        ref_g.append([mapping[f"GENE{j}"] for j in ids[nk:]])
+    wp, wg = 1 + max(n_known), max(n_unknown)
+    pad = mapping["<pad>"]
+    p_src = torch.tensor([s + [pad] * (wp - len(s)) for s, _ in ref_p])
+    p_val = torch.tensor([v + [PAD_VALUE] * (wp - len(v)) for _, v in ref_p], dtype=torch.float32)
+    p_kpm = p_src == pad
+    g_src = torch.tensor([s + [pad] * (wg - len(s)) for s in ref_g])
+    g_kpm = g_src == pad
+    batch = assemble(cells)
+    with torch.no_grad():
+        hp, hg, pred_p, pred_g = ref.generative(p_src, p_val, p_kpm, g_src, g_kpm)
+        out = model(batch, compute_loss=False)
+    h = out.hidden.view(*batch.genes.shape, -1)
+    pred = out.expr_pred.view(*batch.genes.shape)
+    for i, (nk, nu) in enumerate(zip(n_known, n_unknown)):
+        torch.testing.assert_close(h[i, : nk + 1], hp[i, : nk + 1], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(h[i, nk + 1: nk + 1 + nu], hg[i, :nu], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(pred[i, nk + 1: nk + 1 + nu], pred_g[i, :nu], atol=1e-5, rtol=1e-5)
+    # without the quirk the unknown tokens differ: the flag really selects the released behaviour
+    model.cfg = cfg  # (config object unchanged; flip the layers)
+    for layer in model.layers:
+        layer.attn.unknown_skip_out_proj = False
+    with torch.no_grad():
+        h2 = model(batch, compute_loss=False).hidden.view(*batch.genes.shape, -1)
+    assert (h2[0, 9:14] - hg[0, :5]).abs().max() > 1e-3
 
 
 def test_save_load_round_trip(tmp_path):
