@@ -102,7 +102,9 @@ class ScGPTModel:
     def random_init(self, seed: int = 0) -> ScGPTModel:
         """The same architecture and vocabulary with fresh weights (the 'what did pretraining
         buy' baseline)."""
-        torch.manual_seed(seed)
+        from eval.finetune import RANDOM_INIT_SEED_OFFSET
+
+        torch.manual_seed(seed + RANDOM_INIT_SEED_OFFSET)
         m = ScGPT(self.config).to(self.device)
         return ScGPTModel(model=m, vocab=self.vocab, config=self.config,
                           info={**self.info, "random_init": True}, device=self.device)

@@ -68,12 +68,16 @@ def task_config(base: ModelConfig, task: Task, n_classes: int = 0, n_batches: in
                                         ecs_weight=ft.ecs_weight, dar=True, cls=False))
 
 
+RANDOM_INIT_SEED_OFFSET = 1_000_003  # random-init baselines draw weights apart from any seed-`seed` init
+
+
 def build_task_model(pretrained: ScGPT | None, cfg: ModelConfig, seed: int) -> ScGPT:
     """A model with ``cfg``; every pretrained tensor whose name and shape match is copied in.
 
-    ``pretrained=None`` gives the random-init baseline (same architecture, same seed).
+    ``pretrained=None`` gives the random-init baseline: the same architecture and budget, with
+    weights drawn from a seed distinct from the one the new heads use.
     """
-    torch.manual_seed(seed)
+    torch.manual_seed(seed if pretrained is not None else seed + RANDOM_INIT_SEED_OFFSET)
     model = ScGPT(cfg)
     if pretrained is not None:
         own = model.state_dict()
