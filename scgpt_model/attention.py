@@ -176,7 +176,8 @@ class _PaddedGenerativeAttention(torch.autograd.Function):
     def backward(ctx, dout: Tensor):
         q, k, v, bias, out, lse, *rest = ctx.saved_tensors
         n = ctx.n_known
-        dout = dout.contiguous()
+        if q.device.type != "cpu":
+            dout = dout.contiguous()  # the CPU kernel takes strided (B, L, H, D)-ordered tensors as they are
         # the kernels take the lse in the dtype they returned it (float32, or float64 for float64 inputs)
         lse_k = lse.to(torch.float64 if q.dtype == torch.float64 else torch.float32)
         dq, dkk, dvk = _fused_bwd(dout, q, k[:, :, :n], v[:, :, :n], bias, out, lse_k, ctx.scale, ctx.kctx)
@@ -276,5 +277,6 @@ def generative_attention(q: Tensor, k: Tensor, v: Tensor, meta: AttentionMeta) -
     if not fused_ok:
         return _math_attention(q, k, v, meta, scale)
     bias = meta.key_bias.to(q.dtype)
-    return _PaddedGenerativeAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), bias,
+    # no .contiguous(): the fused kernels read the (B, L, H, D)-strided views of the qkv projection directly
+    return _PaddedGenerativeAttention.apply(q, k, v, bias,
                                             meta.self_mask, meta.n_known, scale, meta.any_unknown)

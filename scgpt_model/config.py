@@ -54,7 +54,8 @@ class ModelConfig:
     n_layers: int = 12  # §4.8: 12 transformer blocks
     n_heads: int = 8  # §4.8: 8 heads (head dim 64)
     d_ffn: int = 512  # §4.8: FFN hidden size 512 ("d_hid" in the release)
-    dropout: float = 0.2  # released args.json: dropout 0.2 (residual + FFN; attention probs undropped)
+    dropout: float = 0.2  # released args.json: 0.2, on input embeddings, residual branches and FFN (the
+    # fused attention kernels take no dropout, so attention probabilities are not dropped as in the release)
     n_bins: int = DEFAULT_N_BINS  # §4.1: 51 bins, 0 = zero expression
     max_seq_len: int = 1200  # genes per cell (+1 for <cls>), released args.json
     pad_id: int = PAD_ID  # gene id of <pad> (schema: 0)

@@ -163,7 +163,7 @@ class ScGPT(nn.Module):
     # ------------------------------------------------------------------------------------------
     def forward(self, batch: ModelBatch, *, cell_prompt: Tensor | None = None,
                 compute_loss: bool = True) -> ModelOutput:
-        cfg, obj = self.cfg, self.cfg.objectives
+        cfg = self.cfg
         h, cell_emb, g = self.encode(batch, cell_prompt)
         need_cell = None
         head_in = h
