@@ -141,6 +141,48 @@ def _unknown_counts(b) -> list[int]:
     return b.unknown.sum(1).tolist()
 
 
+def model_step_times(preset: str, ratio: float, repeats: int) -> dict[str, float]:
+    """Whole-model forward + backward (CPU, float32) with the generative attention and with the
+    dense-mask attention swapped in; batch 8 cells of 1,200 genes, one unknown ratio."""
+    import scgpt_model.layers as layers
+    from scgpt_model.batching import collate_generative
+    from scgpt_model.model import ScGPT
+    from scgpt_model.presets import get_preset
+
+    def dense_attention(q, k, v, meta):  # the (B, 1, L, L) mask a dense model builds per layer call
+        length = q.shape[2]
+        allow = torch.zeros(q.shape[0], length, length, dtype=torch.bool)
+        allow[:, :, : meta.n_known] = torch.isfinite(meta.key_bias[:, 0, 0, :])[:, None, :]
+        idx = torch.arange(length)
+        allow[:, idx, idx] |= meta.self_mask[:, 0, :]
+        mask = torch.zeros(allow.shape).masked_fill(~allow, float("-inf"))[:, None]
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+    cfg = get_preset(preset, 20_000, dropout=0.0)
+    torch.manual_seed(0)
+    model = ScGPT(cfg)
+    rng = np.random.default_rng(0)
+    genes = [rng.choice(np.arange(3, 20_000), size=1200, replace=False) for _ in range(B)]
+    values = [rng.integers(1, 51, size=1200).astype(np.float32) for _ in range(B)]
+    batch = collate_generative(genes, values, max_seq_len=1200, seed=0, unknown_ratios=(ratio,))
+    impls = {"dense": dense_attention, "generative": generative_attention}
+    times: dict[str, list[float]] = {k: [] for k in impls}
+    original = layers.generative_attention
+    try:
+        for rep in range(repeats + 1):
+            for name, fn in impls.items():
+                layers.generative_attention = fn
+                t = time.perf_counter()
+                model(batch).loss.total.backward()
+                if rep:  # first round is warm-up
+                    times[name].append(time.perf_counter() - t)
+                model.zero_grad(set_to_none=True)
+    finally:
+        layers.generative_attention = original
+    return {k: statistics.median(v) for k, v in times.items()} | {
+        "speedup": statistics.median(d / g for d, g in zip(times["dense"], times["generative"]))}
+
+
 def _status(key: str) -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(key):
@@ -176,6 +218,7 @@ def main() -> None:
     ap.add_argument("--preset", default="base")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--model-preset", default="", help="also time whole-model fwd+bwd of this preset (e.g. small)")
     ap.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.threads:
@@ -218,6 +261,13 @@ def main() -> None:
         mem_rows.append((length, m))
         print(f"{length} tokens: peak mem dense {m['dense'] / mib:.0f} MiB, generative {m['generative'] / mib:.0f} MiB",
               flush=True)
+    model_rows = []
+    if args.model_preset:
+        for ratio in (0.25, 0.5, 0.75):
+            r = model_step_times(args.model_preset, ratio, max(2, args.repeats // 2))
+            model_rows.append((ratio, r))
+            print(f"{args.model_preset} model fwd+bwd, ratio {ratio}: dense {r['dense']:.2f} s, generative "
+                  f"{r['generative']:.2f} s -> {r['speedup']:.2f}x", flush=True)
     lengths = np.array([r[0] for r in mem_rows], dtype=float)
     quad = {impl: np.polyfit(lengths, [r[1][impl] for r in mem_rows], 2)[0] for impl in ("dense", "generative")}
 
@@ -253,6 +303,12 @@ def main() -> None:
               f"bytes/token^2 (its (B,1,L,L) float mask alone is {B} x 4 = {4 * B} bytes/token^2), generative "
               f"c = {quad['generative']:.1f} bytes/token^2 (no mask term; the linear part is q/k/v gradients and "
               "the merge's saved output).", ""]
+    if model_rows:
+        lines += [f"Whole model, `{args.model_preset}` preset, forward + backward, batch {B} x 1,200 genes, float32, "
+                  "dense-mask attention swapped in for the baseline (seconds, median; speed-up = median paired ratio):",
+                  "", "| unknown ratio | dense s | generative s | speed-up |", "|---|---|---|---|"]
+        lines += [f"| {ratio} | {r['dense']:.2f} | {r['generative']:.2f} | {r['speedup']:.2f}x |" for ratio, r in model_rows]
+        lines.append("")
     text = "\n".join(lines)
     print(text)
     out = Path(args.out)
