@@ -15,6 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ingest.csr import group_by_row, rows_of
 from ingest.errors import IngestError
 from ingest.manifest import is_validation, sha256_file
 from scgpt_model.binning import bin_nonzero
@@ -50,12 +51,7 @@ def read_chunk(exp, joinids: np.ndarray, var_to_vocab: np.ndarray) -> tuple[np.n
         d0 = tbl.column("soma_dim_0").to_numpy()
         val = tbl.column("soma_data").to_numpy()
         check_chunk_counts(val, d0)
-        if d0.size and np.all(d0[1:] >= d0[:-1]):  # row-major (the usual case): map runs, not every value
-            starts = np.flatnonzero(d0[1:] != d0[:-1]) + 1
-            bounds = np.concatenate([[0], starts, [d0.size]])
-            row = np.repeat(np.searchsorted(joinids, d0[bounds[:-1]]).astype(np.int32), np.diff(bounds))
-        else:
-            row = np.searchsorted(joinids, d0).astype(np.int32)
+        row = rows_of(d0, joinids)
         rows.append(row)
         genes.append(var_to_vocab[tbl.column("soma_dim_1").to_numpy()])
         vals.append(val.astype(np.float32, copy=False))
@@ -121,28 +117,17 @@ def process_chunk(spec: dict) -> dict:
         if gid.size and ((gid < 0).any() or (val == 0).any()):  # genes not in the vocabulary, explicit zeros
             keep = (gid >= 0) & (val != 0)
             row, gid, val = row[keep], gid[keep], val[keep]
-        # rows ascending, genes ascending within a row. X reads are row-major and var order is
-        # the default vocabulary order, so the sort is needed only for a reordering --vocab
-        key = None
-        if gid.size:
-            same_row = row[1:] == row[:-1]
-            if not np.all((row[1:] > row[:-1]) | (same_row & (gid[1:] > gid[:-1]))):
-                key = row.astype(np.int64) * (int(gid.max()) + 1) + gid
-                order = np.argsort(key, kind="stable")
-                key, row, gid, val = key[order], row[order], gid[order], val[order]
-        if spec.get("merge_duplicates") and key is not None:  # several var genes -> one token (symbol keys)
-            first = np.concatenate([[True], key[1:] != key[:-1]])
-            starts = np.flatnonzero(first)
-            val = np.add.reduceat(val, starts).astype(np.float32)
-            row, gid = row[starts], gid[starts]
-        n_genes = np.bincount(row, minlength=joinids.size)
+        # (nnz,) unordered triples -> CSR with genes ascending per cell (duplicate tokens summed)
+        indptr, gid, val = group_by_row(row, gid, val, joinids.size, merge_duplicates=bool(spec.get("merge_duplicates")))
+        del row
+        n_genes = np.diff(indptr)
         keep_rows = n_genes >= max(int(spec["min_genes"]), 1)
         if not keep_rows.all():
-            mask = keep_rows[row]
-            row, gid, val = row[mask], gid[mask], val[mask]
+            mask = np.repeat(keep_rows, n_genes)
+            gid, val = gid[mask], val[mask]
+            n_genes = n_genes[keep_rows]
+            indptr = np.concatenate([[0], np.cumsum(n_genes)]).astype(np.int64)
         kept_ids = joinids[keep_rows]
-        n_genes = n_genes[keep_rows]
-        indptr = np.concatenate([[0], np.cumsum(n_genes)]).astype(np.int64)
         bins = bin_nonzero(indptr, val, kept_ids, n_bins=spec["n_bins"], seed=spec["seed"])
         totals = np.add.reduceat(val.astype(np.float64), indptr[:-1]) if val.size else np.zeros(0)
         obs = _obs_columns(exp, joinids, kept_ids)

@@ -57,6 +57,36 @@ def _uniforms_kernel(seed, cell_ids, positions, out):
 
 
 @numba.njit(cache=True, nogil=True)
+def _order(vals, buf):
+    """Ascending order of ``vals`` (n,). Raw counts (small integers, the common case) use a
+    counting sort, O(n + max); anything else np.argsort. Returns an empty array when the
+    counts need more than ``buf`` holds, so the caller can grow it (buf stays all-zero)."""
+    n = vals.shape[0]
+    vmax = 0.0
+    for j in range(n):
+        x = vals[j]
+        if x != np.floor(x) or x > 4.0 * n + 1024.0:
+            return np.argsort(vals)
+        if x > vmax:
+            vmax = x
+    m = int(vmax) + 2
+    if m > buf.shape[0]:
+        return np.empty(0, dtype=np.int64)
+    for j in range(n):
+        buf[int(vals[j]) + 1] += 1
+    for k in range(1, m):
+        buf[k] += buf[k - 1]
+    order = np.empty(n, dtype=np.int64)
+    for j in range(n):
+        k = int(vals[j])
+        order[buf[k]] = j
+        buf[k] += 1
+    for k in range(m):
+        buf[k] = 0
+    return order
+
+
+@numba.njit(cache=True, nogil=True)
 def _bin_kernel(indptr, data, cell_ids, levels, seed, out):
     """indptr (R+1,) int64; data (nnz,) float64 > 0; cell_ids (R,) uint64; levels (E,) float64;
     out (nnz,) uint8 written in place. E = n_bins - 1 edges per cell.
@@ -66,13 +96,17 @@ def _bin_kernel(indptr, data, cell_ids, levels, seed, out):
     """
     n_edges = levels.shape[0]
     edges = np.empty(n_edges, dtype=np.float64)
+    buf = np.zeros(4096, dtype=np.int64)
     for r in range(indptr.shape[0] - 1):
         start = indptr[r]
         n = indptr[r + 1] - start
         if n == 0:
             continue
         vals = data[start:start + n]
-        order = np.argsort(vals)
+        order = _order(vals, buf)
+        if order.shape[0] == 0:  # counting buffer too small: grow it and retry
+            buf = np.zeros(2 * buf.shape[0] + int(vals.max()) + 2, dtype=np.int64)
+            order = _order(vals, buf)
         # numpy "linear" quantile, exactly: virtual index (n-1)*q, gamma = frac part, and
         # numpy's _lerp (a + d*t for t < 0.5, b - d*(1-t) otherwise; keeps edges monotone).
         for k in range(n_edges):
