@@ -57,7 +57,7 @@ def test_two_nodes_one_worker_each_train_checkpoint_register(two_node_cluster, t
     from training.launch import find_checkpoint
     from training.registry import load_registered_model
 
-    ckpts = sorted((tmp_path / "runs" / "twonode").glob("checkpoint_*"))
+    ckpts = sorted(d for d in (tmp_path / "runs" / "twonode").glob("checkpoint_*") if d.is_dir())
     steps = sorted(json.loads((c / "train_state.json").read_text())["step"] for c in ckpts)
     assert steps == [2, 3]  # every 2 steps and at the end
     st = json.loads((find_checkpoint(tmp_path / "runs", "twonode") / "train_state.json").read_text())

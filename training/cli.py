@@ -60,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--record-seen", action="store_true",
                      help="audit: each worker writes the soma_joinids it trained on per epoch (<run>/seen/)")
     for flag, key, typ, hlp in OVERRIDES:
-        pre.add_argument(flag, type=typ, dest=key.replace(".", "__"), help=hlp)
+        pre.add_argument(flag, type=typ, dest=key.replace(".", "__"), help=hlp,
+                         metavar=flag.lstrip("-").upper().replace("-", "_"))
     return p
 
 

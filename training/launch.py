@@ -133,8 +133,18 @@ def _start_ray(cfg: TrainConfig) -> bool:
     if ray.is_initialized():
         return False
     if cfg.cluster.ray_address:
+        kwargs: dict[str, Any] = {}
+        host = cfg.cluster.ray_address.split("://")[-1].rsplit(":", 1)[0].strip("[]")
+        if host in ("127.0.0.1", "localhost", "::1"):
+            # A cluster on this machine bound to loopback (`ray start --head --node-ip-address
+            # 127.0.0.1`). Ray rewrites a loopback bootstrap address to the machine's external IP
+            # (meant for multi-node clusters), where such a cluster does not listen: keep loopback.
+            from ray._private import ray_constants
+
+            ray_constants.ENABLE_RAY_CLUSTER = False
+            kwargs["_node_ip_address"] = "127.0.0.1"
         try:
-            ray.init(address=cfg.cluster.ray_address, log_to_driver=True)
+            ray.init(address=cfg.cluster.ray_address, log_to_driver=True, **kwargs)
         except (ConnectionError, RuntimeError, ValueError) as e:
             raise TrainUsageError(f"cannot connect to the Ray cluster at {cfg.cluster.ray_address} ({e}); "
                                   "check --ray-address or drop it to start a local Ray") from e
