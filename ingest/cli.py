@@ -68,6 +68,8 @@ def _parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("build-demo", help="write the demo atlas (real PBMCs + synthetic lung/brain cells)")
     d.add_argument("--out", required=True)
+    d.add_argument("--no-reuse", action="store_true", help="always build (fails if --out exists); default: keep an "
+                   "existing complete demo atlas at --out")
 
     v = sub.add_parser("validate", help="re-check a shard set against its manifest")
     v.add_argument("path")
@@ -105,7 +107,7 @@ def _run(args: argparse.Namespace) -> int:
     elif args.cmd == "build-demo":
         from ingest.demo import build_demo
 
-        build_demo(args.out)
+        build_demo(args.out, reuse=not args.no_reuse)
         print(json.dumps({"out": args.out}))
     elif args.cmd == "validate":
         from ingest.validate import validate_shards

@@ -79,7 +79,30 @@ def _blood_obs(labels: pd.Series, table: dict[str, tuple[str, str]], assay: str,
     })
 
 
-def build_demo(out: str | Path, seed: int = 0) -> Path:
+def existing_demo(out: str | Path) -> bool:
+    """True when ``out`` already holds a complete demo atlas (so re-running the demo is cheap)."""
+    out = Path(out)
+    if not (out / cs.CENSUS_INFO / cs.SUMMARY).exists():
+        return False
+    try:
+        import tiledbsoma as soma
+
+        with soma.open(str(out / cs.CENSUS_INFO / cs.SUMMARY)) as df:
+            tbl = df.read().concat().to_pydict()
+        summary = dict(zip(tbl["label"], tbl["value"]))
+        with soma.open(str(out / cs.CENSUS_DATA / "homo_sapiens" / "obs")) as obs:
+            n = sum(t.num_rows for t in obs.read(column_names=["soma_joinid"]))
+    except Exception:  # noqa: BLE001 - anything unreadable is not a finished demo atlas
+        return False
+    expected = 2700 + 1500 + N_DUPLICATES + N_SYNTH_PER_TISSUE * len(SYNTH_TISSUES)
+    return summary.get("build_note", "").startswith("demo atlas") and n == expected == int(summary["total_cell_count"])
+
+
+def build_demo(out: str | Path, seed: int = 0, *, reuse: bool = False) -> Path:
+    """Write the demo atlas to ``out``. With ``reuse``, an existing complete demo atlas is kept."""
+    if reuse and existing_demo(out):
+        log.info("build-demo: %s already holds the demo atlas; keeping it (delete it to rebuild)", out)
+        return Path(out)
     pbmc = ad.read_h5ad(PBMC3K)
     sym = ad.read_h5ad(SYMPHONY)
     m_pbmc = resolve_genes(pbmc.var)

@@ -67,3 +67,17 @@ def test_synth_census_is_realistic(tmp_path):
     assert 0 < (~a.obs.is_primary_data).sum() < 100
     assert titles.str.contains("SYNTHETIC").all()
     np.testing.assert_array_equal(a.obs.nnz.to_numpy(), nnz)
+
+
+def test_build_demo_reuses_a_finished_atlas(demo_census, tmp_path, capsys):
+    from ingest.demo import existing_demo
+
+    assert existing_demo(demo_census)
+    before = sorted(p.stat().st_mtime_ns for p in demo_census.rglob("*") if p.is_file())
+    assert main(["build-demo", "--out", str(demo_census)]) == 0  # the demo script can be re-run
+    assert sorted(p.stat().st_mtime_ns for p in demo_census.rglob("*") if p.is_file()) == before
+    assert main(["build-demo", "--no-reuse", "--out", str(demo_census)]) == 2
+    assert "already exists" in capsys.readouterr().err
+    half = tmp_path / "half"
+    half.mkdir()
+    assert not existing_demo(half)
