@@ -4,7 +4,8 @@ The project's vocabularies are keyed by Ensembl id by default (``feature_id``); 
 scGPT ones by symbol (``feature_name``). Datasets come either way: pbmc3k carries both
 (symbols as ``var_names``, Ensembl in ``var.gene_ids``), the symphony PBMCs only symbols.
 Symbols are mapped to Ensembl with the shipped hg19 table (``data/gene_symbols_hg19.tsv``:
-pbmc3k's 10x gene list plus current-HGNC aliases such as CXCL8), so a symbol-only dataset still reaches an Ensembl-keyed vocabulary.
+pbmc3k's 10x gene list plus current-HGNC aliases such as CXCL8), so a symbol-only dataset
+still reaches an Ensembl-keyed vocabulary.
 Unmatched genes are dropped and counted, never silently.
 """
 

@@ -94,8 +94,10 @@ def plot_gene_network(sim: np.ndarray, genes: list[str], focus: list[str], thres
             s = float(sim[idx[a], idx[b]])
             if s > threshold:
                 ax.plot(*xy[[a, b]].T, color="tab:blue", alpha=0.6, lw=0.5 + 3 * (s - threshold) / max(1e-6, 1 - threshold))
-    colors = ["tab:red" if genes[i].startswith("HLA-D") else "tab:green" if genes[i].startswith("HLA-") else "tab:gray"
-              for i in idx]
+    def colour(g: str) -> str:
+        return "tab:red" if g.startswith("HLA-D") else "tab:green" if g.startswith("HLA-") else "tab:gray"
+
+    colors = [colour(genes[i]) for i in idx]
     ax.scatter(xy[:, 0], xy[:, 1], s=60, c=colors, zorder=3)
     for k, i in enumerate(idx):
         ax.text(1.12 * xy[k, 0], 1.12 * xy[k, 1], genes[i], ha="center", va="center", fontsize=7)
