@@ -277,9 +277,11 @@ def main() -> None:
         "(model helper, `benchmarks/bench_attention.py`)",
         "",
         f"Command: `.venv/bin/python benchmarks/bench_attention.py --repeats {args.repeats}"
-        f"{f' --threads {args.threads}' if args.threads else ''}`  ",
+        f"{f' --threads {args.threads}' if args.threads else ''}"
+        f"{f' --model-preset {args.model_preset}' if args.model_preset else ''}`  ",
         f"Machine: 2-core CPU ({platform.processor() or platform.machine()}), shared with other jobs, "
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads; date {dt.date.today().isoformat()}.  ",
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads; {dt.datetime.now():%Y-%m-%d %H:%M}; "
+        f"load average at the end {os.getloadavg()[0]:.1f} (other jobs running: timings are noisy).  ",
         f"Attention only, forward + backward, batch {B}, {H} heads of {DH}, 1,201 tokens, float32; "
         f"median of {args.repeats}. Dense = `scaled_dot_product_attention` with the (B,1,L,L) mask; "
         "naive split = explicit query-by-known scores (`_math_attention`); generative = fused kernel "
