@@ -42,7 +42,7 @@ def _complete_steps(run_dir: Path) -> list[int]:
 
 def test_sigkill_then_resume_matches_uninterrupted(pretrain_run, tmp_path):
     from training.launch import find_checkpoint
-    from training.registry import load_registered_model
+    from training.registry import consolidated_state_dict, load_registered_model
     from training.tracking import client
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -50,7 +50,7 @@ def test_sigkill_then_resume_matches_uninterrupted(pretrain_run, tmp_path):
     run_dir = storage / "killed"
     args = [sys.executable, "-m", "training.cli", "pretrain", *FIXTURE_ARGS, "--shards", str(pretrain_run.shards),
             "--tracking-uri", uri, "--storage-path", str(storage), "--run-name", "killed",
-            "--model-name", "scgpt-debug-resumed", "--step-sleep", "1.0"]
+            "--model-name", "scgpt-debug-resumed", "--step-sleep", "0.8", "--no-register"]
     log = open(tmp_path / "killed.log", "w")
     proc = subprocess.Popen(args, cwd=tmp_path, env=_env(), stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)  # its own process group: we kill it all
@@ -60,7 +60,7 @@ def test_sigkill_then_resume_matches_uninterrupted(pretrain_run, tmp_path):
             time.sleep(0.3)
         assert proc.poll() is None, f"run ended before the kill:\n{(tmp_path / 'killed.log').read_text()[-3000:]}"
         assert 4 in _complete_steps(run_dir), "no step-4 checkpoint in time"
-        time.sleep(1.5)  # into step 5 or 6: mid-epoch (6 steps per epoch), past the checkpoint
+        time.sleep(1.2)  # into step 5 or 6: mid-epoch (6 steps per epoch), past the checkpoint
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=60)
@@ -69,6 +69,7 @@ def test_sigkill_then_resume_matches_uninterrupted(pretrain_run, tmp_path):
     assert max(_complete_steps(run_dir)) < 12
     c = client(uri)
     assert not c.search_registered_models(), "a killed run registers nothing"
+    assert "done: run" not in (tmp_path / "killed.log").read_text()
     (run_id,) = [r.info.run_id for r in c.search_runs([e.experiment_id for e in c.search_experiments()])]
 
     resumed = subprocess.run([sys.executable, "-m", "training.cli", "pretrain", "--resume", str(run_dir),
@@ -76,6 +77,7 @@ def test_sigkill_then_resume_matches_uninterrupted(pretrain_run, tmp_path):
                              cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert "resumed at step 4" in resumed.stdout + resumed.stderr
+    assert "not registered" in resumed.stdout  # --no-register came back with the run's saved config
     # the same MLflow run, continued at the same step: one run, every step logged once
     runs = c.search_runs([e.experiment_id for e in c.search_experiments()])
     assert [r.info.run_id for r in runs] == [run_id] and runs[0].info.status == "FINISHED"
@@ -84,12 +86,11 @@ def test_sigkill_then_resume_matches_uninterrupted(pretrain_run, tmp_path):
     assert steps == list(range(1, 13))
     ck = find_checkpoint(storage, str(run_dir))
     assert json.loads((ck / "train_state.json").read_text())["step"] == 12
-    # same weights as the run that never stopped
+    # same weights as the run that never stopped (its registered fp32 export vs our final ZeRO checkpoint)
     m_ref, _, _, _ = load_registered_model(pretrain_run.model_uri, pretrain_run.tracking_uri)
-    m_res, _, _, info = load_registered_model("models:/scgpt-debug-resumed/1", uri)
-    assert info["run_id"] == run_id
-    ref, res = m_ref.state_dict(), m_res.state_dict()
-    for k in ref:
+    ref, res = m_ref.state_dict(), consolidated_state_dict(ck)
+    assert set(res) <= set(ref) and len(res) > 10
+    for k in res:
         torch.testing.assert_close(res[k], ref[k], rtol=1e-5, atol=1e-6)
     # and the same loss curve after the resume point
     ref_loss = [m.value for m in sorted(client(pretrain_run.tracking_uri).get_metric_history(
