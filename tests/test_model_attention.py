@@ -144,3 +144,45 @@ def test_bfloat16_on_cpu_within_dtype_tolerance():
     g = torch.autograd.grad(out.float().sum(), (qb, kb, vb))
     for a, r in zip(g, g_ref):
         torch.testing.assert_close(a.float(), r, atol=8e-2, rtol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not flash_available(), reason="needs flash-attn and CUDA")
+@pytest.mark.parametrize("seed", range(4))
+def test_flash_varlen_matches_dense_mask(seed):
+    """Packed cells (cu_seqlens, no padding) through flash-attn equal the dense-mask reference."""
+    rng = np.random.default_rng(seed)
+    b, h, d = 4, 4, 64
+    n_kn = rng.integers(1, 60, size=b)  # incl. <cls>
+    n_un = rng.integers(0, 60, size=b)
+    lk, length = int(n_kn.max()), int((n_kn + n_un).max())
+    valid = np.zeros((b, lk), dtype=bool)
+    unknown = np.zeros((b, length), dtype=bool)
+    real = np.zeros((b, length), dtype=bool)
+    for i in range(b):
+        valid[i, : n_kn[i]] = True
+        unknown[i, n_kn[i]: n_kn[i] + n_un[i]] = True
+        real[i, : n_kn[i] + n_un[i]] = True
+    bias = torch.zeros(b, 1, 1, lk).masked_fill(~torch.from_numpy(valid)[:, None, None, :], float("-inf"))
+    meta = AttentionMeta(backend="sdpa", self_mask=torch.from_numpy(unknown)[:, None, :], n_known=lk, key_bias=bias)
+    q, k, v = (torch.randn(b, h, length, d) for _ in range(3))
+    for t in (q, k, v):
+        t.requires_grad_()
+    ref = dense_mask_attention(q, k, v, meta)
+    g_ref = torch.autograd.grad(ref, (q, k, v), torch.ones_like(ref))
+    sel = torch.from_numpy(real)
+    pack = lambda t: t.transpose(1, 2)[sel].detach().cuda().bfloat16().requires_grad_()  # noqa: E731  (T, H, D)
+    qp, kp, vp = pack(q), pack(k), pack(v)
+    lens = n_kn + n_un
+    cu_q = torch.tensor(np.concatenate([[0], np.cumsum(lens)]), dtype=torch.int32, device="cuda")
+    cu_k = torch.tensor(np.concatenate([[0], np.cumsum(n_kn)]), dtype=torch.int32, device="cuda")
+    known_index = torch.tensor(np.concatenate([np.arange(s, s + n) for s, n in zip(cu_q[:-1].tolist(), n_kn)]),
+                               device="cuda")
+    pmeta = AttentionMeta(backend="flash", self_mask=torch.from_numpy(unknown[real]).cuda(), known_index=known_index,
+                          cu_q=cu_q, cu_k=cu_k, max_q=int(lens.max()), max_k=int(n_kn.max()),
+                          any_unknown=bool(n_un.sum()))
+    out = generative_attention(qp, kp, vp, pmeta)
+    torch.testing.assert_close(out.float().cpu(), ref.transpose(1, 2)[sel], atol=3e-2, rtol=0)
+    g = torch.autograd.grad(out, (qp, kp, vp), torch.ones_like(out))
+    for a, r in zip(g, g_ref):
+        torch.testing.assert_close(a.float().cpu(), r.transpose(1, 2)[sel], atol=6e-2, rtol=0)
