@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import difflib
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -48,8 +48,7 @@ class IngestConfig:
     val_fraction: float = DEFAULT_VAL_FRACTION  # paper §4.8: 97% / 3%
     ray_address: str | None = None         # None: a local Ray started (and stopped) by this command
     num_cpus: int | None = None            # local Ray only; None: all cores
-    progress_every_s: float = 2.0
-    extra: dict = field(default_factory=dict)
+    progress_every_s: float = 2.0         # at most one progress line per this many seconds
 
     def validate(self) -> None:
         if not (3 <= self.n_bins <= 256):

@@ -8,6 +8,7 @@ tasks, rewriting the manifest after each -> summary. A kill loses only the chunk
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import logging
 import os
 import shutil
@@ -117,7 +118,7 @@ def plan(cfg: IngestConfig) -> Plan:
         "gene_key": gene_key, "n_bins": cfg.n_bins, "seed": cfg.seed, "val_fraction": cfg.val_fraction,
         "cells_per_shard": cfg.cells_per_shard, "max_cells": cfg.max_cells, "min_genes": cfg.min_genes,
         "n_cells_planned": int(joinids.size),
-        "joinids_sha256": __import__("hashlib").sha256(joinids.tobytes()).hexdigest(),
+        "joinids_sha256": hashlib.sha256(joinids.tobytes()).hexdigest(),
     }
     return Plan(source, value_filter, joinids, n_matched, vocab, var_to_vocab,
                 bool(np.unique(mapped).size != mapped.size), len(dropped), dropped[:10], args)
@@ -242,7 +243,7 @@ def run_ingest(cfg: IngestConfig) -> dict:
     t_ray = t_chunks = 0.0
     out = OutputDir(cfg.out)
     shards = out.open(p.args)
-    ok = usage_error = False
+    usage_error = False
     started_ray = False
     try:
         p.vocab.save(out.path / VOCAB_FILE)
@@ -259,7 +260,6 @@ def run_ingest(cfg: IngestConfig) -> dict:
             _run_chunks(cfg, p, out.path, chunks, todo, shards, n_skip)
             t_chunks = time.perf_counter() - t0 - t_ray
         manifest = write_manifest(out.path, _manifest(p, cfg, shards, complete=True))
-        ok = True
     except IngestError:
         usage_error = True  # bad input found by a worker (e.g. non-integer counts)
         raise
