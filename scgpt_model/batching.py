@@ -47,6 +47,7 @@ class ModelBatch:
     loss_mask: Tensor  # bool, tokens the GEP/GEPC losses are computed on
     n_cells: int
     n_tokens: int  # real tokens (incl. <cls>), computed on the host
+    unknown_count: int = 0  # real unknown tokens, computed on the host
     n_known: int = 0  # padded: number Lk of leading columns that hold keys
     known_valid: Tensor | None = None  # padded: (B, Lk) bool, the real known keys (<cls> + known genes)
     known_index: Tensor | None = None  # packed: (Tk,) rows that are keys
@@ -67,8 +68,6 @@ class ModelBatch:
     @property
     def any_unknown(self) -> bool:
         return bool(self.unknown_count > 0)
-
-    unknown_count: int = 0  # real unknown tokens, computed on the host
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> ModelBatch:
         changes = {f.name: getattr(self, f.name).to(device, non_blocking=non_blocking)
