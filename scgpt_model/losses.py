@@ -46,9 +46,10 @@ class LossOutput:
 
 
 def masked_mse(pred: Tensor, target: Tensor, mask: Tensor) -> Tensor:
-    """Mean squared error over ``mask`` (0 when the mask is empty; no host sync)."""
-    m = mask.to(pred.dtype)
-    return ((pred - target.to(pred.dtype)) ** 2 * m).sum() / m.sum().clamp_min(1.0)
+    """Mean squared error over ``mask`` (0 when the mask is empty; no host sync), in float32
+    (a bf16 sum over ~10^5 tokens would lose precision)."""
+    m = mask.float()
+    return ((pred.float() - target.float()) ** 2 * m).sum() / m.sum().clamp_min(1.0)
 
 
 def masked_ce(logits: Tensor, target: Tensor, mask: Tensor) -> Tensor:
