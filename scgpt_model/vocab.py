@@ -133,8 +133,9 @@ class GeneVocab:
     def from_token_to_id(cls, mapping: dict[str, int], key: GeneKey = "feature_name") -> GeneVocab:
         """Convert the official layout ({token: id}, keys not in id order, symbols).
 
-        Ids are kept where possible is not: our special tokens must come first, so the
-        returned vocabulary re-orders, and ``official_id_map`` gives old id -> new id.
+        Official ids are not kept: our special tokens must come first, so genes are re-ordered
+        by their official id after the specials. ``scgpt_model.checkpoint`` re-orders the
+        embedding rows to match when it imports an official checkpoint.
         """
         ordered = sorted(mapping, key=mapping.__getitem__)
         genes = [t for t in ordered if t not in SPECIAL_TOKENS and not (t.startswith("<") and t.endswith(">"))]
