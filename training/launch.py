@@ -150,7 +150,9 @@ def _start_ray(cfg: TrainConfig) -> bool:
                                   "check --ray-address or drop it to start a local Ray") from e
         return True
     cpus = max(os.cpu_count() or 1, 1)
-    ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=cpus,
+    # address="local": always a new local instance; plain ray.init() would attach to any Ray that
+    # another process on this machine started (it reads /tmp/ray's current-cluster file)
+    ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=cpus,
              object_store_memory=256 * 1024**2, log_to_driver=True)
     return True
 
