@@ -125,7 +125,8 @@ class ScGPT(nn.Module):
         vals = torch.where((genes == CLS_ID) | ~tm, torch.full_like(vals, cfg.pad_value), vals)
         g = self.gene_encoder(genes)  # (N, D)
         v = self.value_encoder(vals)  # (N, D)
-        flag = self.flag_encoder.weight[1].to(v.dtype)
+        # call the module (not .weight[1]) so sharded wrappers (ZeRO-3) gather its weight
+        flag = self.flag_encoder(torch.ones((), dtype=torch.long, device=v.device)).to(v.dtype)  # (D,)
         x = g + torch.where(unk.unsqueeze(-1), flag.expand_as(v), v)
         if self.condition_encoder is not None:
             if batch.condition is None:

@@ -86,12 +86,6 @@ def _optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimize
     return FusedAdam(model.parameters(), lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
 
 
-# Parameters the model reads directly (``module.weight[i]``) instead of calling their module:
-# ZeRO-3 only gathers a parameter around its own module's forward, so these are registered as
-# external parameters of the adapter below (gathered for its forward and its backward).
-DIRECT_PARAMETERS = ("flag_encoder.weight",)
-
-
 class LossModule(torch.nn.Module):
     """``model(batch) -> (loss, terms)``: tensor outputs, so ZeRO-3 can hook the backward pass.
 
@@ -119,11 +113,6 @@ def build_engine(model: torch.nn.Module, cfg: TrainConfig, *, total_steps: int, 
 
     ds_cfg = deepspeed_config(cfg, on_gpu=on_gpu)
     wrapped = LossModule(model)
-    if cfg.deepspeed.zero_stage == 3:
-        params = dict(model.named_parameters())
-        for name in DIRECT_PARAMETERS:
-            if name in params:
-                deepspeed.zero.register_external_parameter(wrapped, params[name])
     optimizer = _optimizer(wrapped, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
     engine, _, _, _ = deepspeed.initialize(model=wrapped, optimizer=optimizer, lr_scheduler=scheduler,
