@@ -102,6 +102,9 @@ def plan(task: str, model: ScGPTModel, dataset: str, opts: EvalOptions) -> Plan:
     if task == "integration" and len(set(data.batches)) < 2:
         raise EvalError(f"integration needs at least 2 batches; {name}.obs[{batch!r}] has only "
                         f"{sorted(set(data.batches))}. Pick a dataset with several batches or another --batch-key")
+    if opts.query_batches and batch is None:
+        raise EvalError(f"--query-batch needs a batch column: pass --batch-key (obs columns: "
+                        f"{', '.join(map(str, adata.obs.columns))})")
     qb = tuple(opts.query_batches) or (meta.query_batches if meta and batch == meta.batch_key else ())
     if qb and batch is not None:
         missing = sorted(set(qb) - set(data.batches))

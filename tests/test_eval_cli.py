@@ -63,6 +63,8 @@ def test_missing_label_and_batch_keys_name_the_existing_ones(capsys, uri, eval_d
     # an unlabeled user file: the label key must be given
     _bad(capsys, ["--model", str(eval_debug_model_dir), "--task", "zero-shot", "--dataset",
                   str(symphony_small), "--tracking-uri", uri], "--label-key")
+    _bad(capsys, ["--model", str(eval_debug_model_dir), "--task", "annotation", "--dataset", "pbmc3k",
+                  "--query-batch", "5p", "--tracking-uri", uri], "--query-batch needs a batch column")
     # pbmc3k has no batch column: integration says so
     _bad(capsys, ["--model", str(eval_debug_model_dir), "--task", "integration", "--dataset", "pbmc3k",
                   "--tracking-uri", uri], "--batch-key")
