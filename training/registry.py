@@ -76,6 +76,9 @@ def export_and_register(checkpoint_dir: str | Path, mcfg, vocab, *, tracking_uri
     pkg_root = Path(__file__).resolve().parents[1]
     with tempfile.TemporaryDirectory(prefix="scgpt-export-") as tmp:
         model_dir = export_pretrained(checkpoint_dir, mcfg, vocab, Path(tmp) / ARTIFACT_KEY)
+        # the fluent API refuses to re-open a run outside the process's active experiment (a caller
+        # may have called set_experiment for something else): make the run's own experiment active
+        mlflow.set_experiment(experiment_id=mlflow.MlflowClient().get_run(run_id).info.experiment_id)
         with mlflow.start_run(run_id=run_id, log_system_metrics=False):
             # the exported folder also as plain run artifacts (eval and users can fetch it without pyfunc)
             mlflow.log_artifacts(str(model_dir), artifact_path="pretrained")
