@@ -141,3 +141,29 @@ def test_bad_model_uris_raise_model_uri_error(pretrain_run, tmp_path):
                 "models:/x/y/z", str(tmp_path / "missing"), str(tmp_path)):
         with pytest.raises(ModelURIError):
             load_registered_model(uri, pretrain_run.tracking_uri)
+
+
+def test_exactly_once_per_epoch_with_three_workers(tmp_path, demo_shards):
+    """A real 3-worker run (half a CPU each on this 2-core machine): soma_joinid accounting."""
+    from tests.fixtures.training import run_train
+    from training import data as D
+
+    args = ["pretrain", "--config", "debug", "--num-workers", "3", "--cpus-per-worker", "0.5",
+            "--zero-stage", "2", "--batch-size", "16", "--max-train-cells", "150", "--epochs", "2",
+            "--seed", "11", "--record-seen", "--no-register", "--val-every", "100", "--checkpoint-every", "100",
+            "--shards", str(demo_shards), "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
+            "--storage-path", str(tmp_path / "runs"), "--run-name", "three"]
+    code, out, err = run_train(args, tmp_path)
+    assert code == 0, f"train pretrain failed ({code}):\n{out[-3000:]}\n{err[-3000:]}"
+    seen = read_seen(tmp_path / "runs" / "three")
+    assert set(seen) == {(e, r) for e in (0, 1) for r in (0, 1, 2)}
+    train, _ = D.build_index(demo_shards)
+    expected = np.sort(D.subsample(train, 150, 11).joinid)
+    for epoch in (0, 1):
+        shares = [seen[(epoch, r)] for r in range(3)]
+        assert all(shares), "every worker trains"
+        for a in range(3):
+            for b in range(a + 1, 3):
+                assert not set(shares[a]) & set(shares[b]), "the workers' shares are disjoint"
+        assert np.array_equal(np.sort(np.concatenate(shares)), expected), "every training cell exactly once"
+    assert seen[(0, 0)] != seen[(1, 0)], "a new order every epoch"
