@@ -128,3 +128,20 @@ def test_too_few_cells_for_the_workers_is_a_usage_error():
     idx = synthetic_index(5, 2)
     with pytest.raises(TrainUsageError, match="fewer workers"):
         D.rank_plan(idx, seed=0, epoch=0, rank=0, world=4, batch_size=1, grad_accum=2)
+
+
+def test_block_shuffle_mixes_shards_within_a_batch():
+    """Cells of a block of shards are permuted together: batches are not single-shard (dataset) runs."""
+    idx = synthetic_index(4000, 10, seed=1)
+    order = D.epoch_order(idx, seed=0, epoch=0, shuffle_shards=5)
+    assert np.array_equal(np.sort(order), np.arange(len(idx)))
+    # the first 32 cells of the epoch are drawn from the (5 shards of the) first block, not from one shard
+    assert len(set(idx.shard[order[:32]].tolist())) >= 4
+    plan = D.rank_plan(idx, seed=0, epoch=0, rank=0, world=1, batch_size=32, shuffle_shards=5)
+    shards_per_batch = [len(set(idx.shard[b].tolist())) for b in plan]
+    assert np.median(shards_per_batch) >= 4
+    # one shard per block reproduces a shard-local shuffle: every batch then stays within few shards
+    local = D.rank_plan(idx, seed=0, epoch=0, rank=0, world=1, batch_size=32, shuffle_shards=1, bucket_window=1)
+    assert max(len(set(idx.shard[b].tolist())) for b in local) <= 2
+    with pytest.raises(TrainUsageError):
+        D.epoch_order(idx, seed=0, epoch=0, shuffle_shards=0)

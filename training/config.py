@@ -35,6 +35,11 @@ class DataConfig:
     # re-cut, so a batch holds cells of similar length (padding stays small) while the order
     # between windows stays shuffled. 32 batches of 32 cells keeps padding near 5% on Census.
     bucket_window: int = 32
+    # Block shuffle: each epoch the shard order is permuted and the cells of every group of this
+    # many consecutive shards are permuted together, so a batch mixes cells of many shards (and
+    # datasets: a shard is one contiguous joinid chunk) while a worker keeps only this many
+    # decoded shards in memory. Larger is closer to a full per-cell shuffle.
+    shuffle_shards: int = 8
     unknown_ratios: tuple[float, ...] = (0.25, 0.5, 0.75)  # paper §4.3.2
     max_train_cells: int | None = None  # quick runs: the first N training cells (by shuffled order of epoch 0)
     val_max_cells: int = 1024  # validation cells scored at each validation (a fixed subset)
@@ -244,7 +249,8 @@ def validate(cfg: TrainConfig) -> None:
     for name, v in (("data.batch_size", cfg.data.batch_size), ("optim.grad_accum", cfg.optim.grad_accum),
                     ("schedule.epochs", cfg.schedule.epochs), ("cluster.num_workers", cfg.cluster.num_workers),
                     ("schedule.checkpoint_every", cfg.schedule.checkpoint_every),
-                    ("schedule.val_every", cfg.schedule.val_every), ("data.bucket_window", cfg.data.bucket_window)):
+                    ("schedule.val_every", cfg.schedule.val_every), ("data.bucket_window", cfg.data.bucket_window),
+                    ("data.shuffle_shards", cfg.data.shuffle_shards)):
         if not isinstance(v, int) or v < 1:
             problems.append(f"{name} must be a positive integer (got {v!r})")
     if cfg.schedule.max_steps is not None and cfg.schedule.max_steps < 1:

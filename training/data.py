@@ -5,9 +5,11 @@ Design (decided here, see SPEC §5):
 * **Index.** Only two small columns of every shard are read up front (``soma_joinid``,
   ``n_genes``): ~12 bytes per cell, so 10M cells cost ~120 MB once per worker. Cells are split
   into train / validation with ``ingest.manifest.is_validation``, the manifest's own function.
-* **Global shuffle, two levels.** For epoch ``e`` the shard order is a permutation seeded by
-  ``(seed, e)`` and the cells inside each shard are permuted by ``(seed, e, shard)``; the
-  concatenation is the epoch's global order. Each rank takes one contiguous slice of it
+* **Global block shuffle.** For epoch ``e`` the shard order is a permutation seeded by
+  ``(seed, e)``; consecutive groups of ``shuffle_shards`` shards form blocks whose cells are
+  permuted together (seeded by ``(seed, e, block)``); the concatenation is the epoch's global
+  order. A batch mixes cells of up to ``shuffle_shards`` shards, and a reader keeps that many
+  decoded shards in memory. Each rank takes one contiguous slice of it
   (``np.array_split``: sizes differ by at most one), so every training cell is seen exactly once
   per epoch, and a rank reads only about ``n_shards / world`` shards (I/O scales with workers).
   The slice a rank gets, and the shards in it, change every epoch.
@@ -97,16 +99,19 @@ def subsample(index: CellIndex, n: int | None, seed: int) -> CellIndex:
     return index.take(sel)
 
 
-def epoch_order(index: CellIndex, seed: int, epoch: int) -> np.ndarray:
-    """Positions into ``index`` in the epoch's global order (shard permutation, then cells)."""
+def epoch_order(index: CellIndex, seed: int, epoch: int, shuffle_shards: int = 8) -> np.ndarray:
+    """Positions into ``index`` in the epoch's global order: permuted shards, cells permuted
+    together within each block of ``shuffle_shards`` consecutive (permuted) shards."""
+    if shuffle_shards < 1:
+        raise TrainUsageError(f"data.shuffle_shards must be >= 1, got {shuffle_shards}")
     n_shards = len(index.shard_paths)
     shard_perm = np.random.default_rng([seed, epoch, 0]).permutation(n_shards)
     by_shard = np.argsort(index.shard, kind="stable")
     bounds = np.searchsorted(index.shard[by_shard], np.arange(n_shards + 1))
     out = []
-    for s in shard_perm:
-        members = by_shard[bounds[s]:bounds[s + 1]]
-        out.append(members[np.random.default_rng([seed, epoch, 1, int(s)]).permutation(len(members))])
+    for blk, b0 in enumerate(range(0, n_shards, shuffle_shards)):
+        members = np.concatenate([by_shard[bounds[s]:bounds[s + 1]] for s in shard_perm[b0:b0 + shuffle_shards]])
+        out.append(members[np.random.default_rng([seed, epoch, 1, blk]).permutation(len(members))])
     return np.concatenate(out) if out else np.zeros(0, np.int64)
 
 
@@ -117,11 +122,12 @@ def batches_per_epoch(n_cells: int, world: int, batch_size: int, grad_accum: int
 
 
 def rank_plan(index: CellIndex, *, seed: int, epoch: int, rank: int, world: int, batch_size: int,
-              grad_accum: int = 1, bucket_window: int = 32, max_len: int | None = None) -> list[np.ndarray]:
+              grad_accum: int = 1, bucket_window: int = 32, max_len: int | None = None,
+              shuffle_shards: int = 8) -> list[np.ndarray]:
     """This rank's micro-batches for one epoch: a list of S arrays of positions into ``index``."""
     n = len(index)
     n_batches = batches_per_epoch(n, world, batch_size, grad_accum)
-    mine = np.array_split(epoch_order(index, seed, epoch), world)[rank]
+    mine = np.array_split(epoch_order(index, seed, epoch, shuffle_shards), world)[rank]
     if n // world < n_batches:
         raise TrainUsageError(
             f"{n} training cells cannot fill {n_batches} micro-batches on each of {world} workers; "

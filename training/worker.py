@@ -139,7 +139,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     # data: the index is small (joinid + length per cell); shards are read lazily
     train_idx, val_idx = D.build_index(cfg.data.shards)
     train_idx = D.subsample(train_idx, cfg.data.max_train_cells, seed)
-    store, val_store = D.ShardStore(train_idx), D.ShardStore(val_idx)
+    # a bucketing window can span two shuffle blocks: keep both blocks' shards decoded
+    store, val_store = D.ShardStore(train_idx, cache_shards=2 * cfg.data.shuffle_shards), D.ShardStore(val_idx)
     val_plan = D.validation_plan(val_idx, seed=seed, rank=rank, world=world, batch_size=cfg.data.batch_size,
                                  max_cells=cfg.data.val_max_cells)
 
@@ -179,7 +180,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if done:
             break
         plan = D.rank_plan(train_idx, seed=seed, epoch=epoch, rank=rank, world=world, batch_size=cfg.data.batch_size,
-                           grad_accum=ga, bucket_window=cfg.data.bucket_window, max_len=mcfg.max_seq_len)
+                           grad_accum=ga, bucket_window=cfg.data.bucket_window, max_len=mcfg.max_seq_len,
+                           shuffle_shards=cfg.data.shuffle_shards)
         start = state["next_batch"] if epoch == state["epoch"] else 0
         collate = make_collate(cfg, mcfg, epoch=epoch, rank=rank)
         seen: list[np.ndarray] = []
