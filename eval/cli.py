@@ -70,14 +70,14 @@ def _main(args: argparse.Namespace, suite: bool) -> int:
     from eval.api import ScGPTModel, default_device
     from eval.report import combine_markdown
     from eval.runner import evaluate, evaluate_suite
-    from eval.tracking import default_tracking_uri
+    from training.tracking import resolve_tracking_uri
 
     for name in ("epochs", "batch_size", "max_cells"):
         if getattr(args, name) < (1 if name != "max_cells" else 0):
             raise EvalError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if args.n_hvg is not None and args.n_hvg < 1:
         raise EvalError(f"--n-hvg must be positive, got {args.n_hvg}")
-    tracking_uri = args.tracking_uri or default_tracking_uri()
+    tracking_uri = resolve_tracking_uri(args.tracking_uri)  # the trainer's rule: flag, env, ./mlflow.db
     device = default_device(args.device)
     model = ScGPTModel.load(args.model, tracking_uri=tracking_uri, device=device)
     opts = tasks.EvalOptions(

@@ -9,7 +9,6 @@ the registry page lists its evaluations.
 from __future__ import annotations
 
 import logging
-import os
 import re
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,11 +21,6 @@ from eval.report import TaskResult
 log = logging.getLogger(__name__)
 
 EXPERIMENT = "scgpt-eval"
-
-
-def default_tracking_uri() -> str:
-    """As the trainer: $MLFLOW_TRACKING_URI, else ``sqlite:///<cwd>/mlflow.db``."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
 
 
 def _metric_key(*parts: str) -> str:
