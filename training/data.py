@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from scgpt_model.schema import BINS, GENES, MANIFEST_FILE, N_GENES, SOMA_JOINID
+from scgpt_model.schema import BINS, GENES, N_GENES, SOMA_JOINID
 from training.errors import TrainUsageError
 
 log = logging.getLogger(__name__)
@@ -248,7 +248,3 @@ def write_seen(path: Path, epoch: int, rank: int, joinids: list[np.ndarray]) -> 
     path.mkdir(parents=True, exist_ok=True)
     ids = np.concatenate(joinids).tolist() if joinids else []
     (path / f"epoch{epoch:03d}-rank{rank:03d}.json").write_text(json.dumps(ids))
-
-
-def manifest_path(shards_dir: str | Path) -> Path:
-    return Path(shards_dir) / MANIFEST_FILE
