@@ -21,6 +21,7 @@ import anndata as ad
 import numpy as np
 
 from eval.errors import EvalError
+from ingest.build_census import load_symbol_table
 from scgpt_model.vocab import GeneVocab
 
 log = logging.getLogger(__name__)
@@ -42,30 +43,11 @@ def looks_ensembl(names) -> bool:
     return bool(names) and sum(bool(_ENSEMBL.match(n)) for n in names) > 0.8 * len(names)
 
 
-SYMBOL_TSV = DATA_DIR / "gene_symbols_hg19.tsv"  # shipped by ingest: symbol, Ensembl id, note
-
-
 @functools.lru_cache(maxsize=1)
 def symbol_table() -> dict[str, str]:
-    """symbol -> Ensembl id: the shipped hg19 table (with current-HGNC aliases such as CXCL8),
-    else the pbmc3k gene list itself. First occurrence wins."""
-    table: dict[str, str] = {}
-    if SYMBOL_TSV.exists():
-        for line in SYMBOL_TSV.read_text().splitlines():
-            if line.startswith("#") or line.startswith("feature_name\t"):
-                continue
-            parts = line.split("\t")
-            if len(parts) >= 2 and parts[0] and parts[1]:
-                table.setdefault(parts[0], parts[1])
-        return table
-    var = ad.read_h5ad(DATA_DIR / "pbmc3k_counts_celltype.h5ad", backed="r").var
-    for sym, ens in zip(var.index.astype(str), var["gene_ids"].astype(str)):
-        table.setdefault(sym, ens)
-        # anndata makes duplicate symbols unique as SYMBOL-1; map the bare symbol too
-        base = re.sub(r"-\d+$", "", sym)
-        if base != sym:
-            table.setdefault(base, ens)
-    return table
+    """symbol -> Ensembl id from the shipped hg19 table (with current-HGNC aliases such as CXCL8);
+    the same table and parser that ``ingest build-census`` uses. First occurrence wins."""
+    return load_symbol_table()
 
 
 @functools.lru_cache(maxsize=1)
