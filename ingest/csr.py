@@ -1,10 +1,15 @@
-"""Turning an unordered stream of (row, gene, value) triples into per-cell CSR, in O(nnz).
+"""Arrow tables of (soma_dim_0, soma_dim_1, soma_data) -> per-cell CSR, in two passes over the data.
 
 TileDB returns sparse reads in its global (tile) order, not row-major; asking it for row-major
 is ~15x slower. Within one row, the tile order already yields ascending column ids, so a stable
 counting sort by row gives rows with ascending genes; rows that are not (a vocabulary that
 reorders genes) are sorted individually, and duplicate genes in a row (several var entries
 mapped to one token) are summed.
+
+``RowAssembler`` fuses everything a chunk needs into two numba passes over each Arrow table,
+zero-copy on its buffers: the count check (finite, non-negative, integer), soma_joinid -> row,
+var joinid -> vocabulary id, dropping genes outside the vocabulary and explicit zeros, and the
+counting-sort scatter. No (nnz,) temporaries besides the output.
 """
 
 from __future__ import annotations
@@ -12,24 +17,91 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+# codes of the first bad count a pass finds (0 = none)
+BAD_NONFINITE, BAD_NEGATIVE, BAD_NONINTEGER, BAD_ROW = 1, 2, 3, 4
+
+
+@numba.njit(inline="always")
+def _row(d, lo, table, joinids):
+    """Index into the sorted ``joinids`` of soma_joinid ``d``; -1 when it is not in the chunk."""
+    if table.shape[0]:
+        k = d - lo
+        if k < 0 or k >= table.shape[0]:
+            return -1
+        return table[k]
+    k = np.searchsorted(joinids, d)
+    if k < joinids.shape[0] and joinids[k] == d:
+        return k
+    return -1
+
 
 @numba.njit(cache=True, nogil=True)
-def _group_kernel(row, gid, val, n_rows, merge):
-    """row (nnz,) int32 in [0, n_rows); gid (nnz,) int32; val (nnz,) float32.
-    Returns indptr (n_rows+1,) int64, genes (m,) int32, values (m,) float32 with m <= nnz."""
-    nnz = row.shape[0]
-    counts = np.zeros(n_rows + 1, dtype=np.int64)
-    for i in range(nnz):
-        counts[row[i] + 1] += 1
-    indptr = np.cumsum(counts)
-    fill = indptr[:-1].copy()
-    g = np.empty(nnz, dtype=np.int32)
-    v = np.empty(nnz, dtype=np.float32)
-    for i in range(nnz):  # stable counting sort by row
-        p = fill[row[i]]
-        g[p] = gid[i]
-        v[p] = val[i]
-        fill[row[i]] = p + 1
+def _n_bad(val):
+    """How many values are not raw counts (NaN/inf, negative or fractional); branch-free, so it
+    vectorises: ``x - x`` is NaN exactly for NaN and +-inf."""
+    n = 0
+    for i in range(val.shape[0]):
+        x = val[i]
+        n += (x < 0) | (x != np.floor(x)) | ((x - x) != 0)
+    return n
+
+
+@numba.njit(cache=True, nogil=True)
+def _first_bad(val):
+    for i in range(val.shape[0]):
+        x = val[i]
+        if not np.isfinite(x):
+            return BAD_NONFINITE, i
+        if x < 0:
+            return BAD_NEGATIVE, i
+        if x != np.floor(x):
+            return BAD_NONINTEGER, i
+    return 0, -1
+
+
+@numba.njit(cache=True, nogil=True)
+def _count_pass(d0, d1, val, lo, table, joinids, var_to_vocab, counts):
+    """Checks counts, counts the kept entries per row into ``counts[row + 1]``.
+    Returns (code, index) of the first bad entry, (0, -1) when all are good."""
+    if _n_bad(val):
+        return _first_bad(val)
+    n_var = var_to_vocab.shape[0]
+    for i in range(val.shape[0]):
+        c = d1[i]
+        if val[i] == 0 or c < 0 or c >= n_var or var_to_vocab[c] < 0:
+            continue
+        r = _row(d0[i], lo, table, joinids)
+        if r < 0:
+            return BAD_ROW, i
+        counts[r + 1] += 1
+    return 0, -1
+
+
+@numba.njit(cache=True, nogil=True)
+def _scatter_pass(d0, d1, val, lo, table, joinids, var_to_vocab, fill, genes, values):
+    """Stable counting-sort scatter of the kept entries (same filter as ``_count_pass``)."""
+    for i in range(val.shape[0]):
+        x = val[i]
+        if x == 0:
+            continue
+        c = d1[i]
+        if c < 0 or c >= var_to_vocab.shape[0]:
+            continue
+        g = var_to_vocab[c]
+        if g < 0:
+            continue
+        r = _row(d0[i], lo, table, joinids)
+        p = fill[r]
+        genes[p] = g
+        values[p] = x
+        fill[r] = p + 1
+
+
+@numba.njit(cache=True, nogil=True)
+def _sort_merge_rows(indptr, g, v, merge):
+    """Genes ascending within each row (sorting only rows that are not), duplicates summed or
+    kept; compacts in place. Returns the new indptr and the used length."""
+    n_rows = indptr.shape[0] - 1
     out_ptr = np.zeros(n_rows + 1, dtype=np.int64)
     w = 0
     for r in range(n_rows):
@@ -45,7 +117,7 @@ def _group_kernel(row, gid, val, n_rows, merge):
             vs = v[s:e][order]
             g[s:e] = gs
             v[s:e] = vs
-        for k in range(s, e):  # compact in place; duplicates of one gene are summed or kept
+        for k in range(s, e):
             if merge and k > s and g[k] == g[w - 1]:
                 v[w - 1] += v[k]
             else:
@@ -53,25 +125,70 @@ def _group_kernel(row, gid, val, n_rows, merge):
                 v[w] = v[k]
                 w += 1
         out_ptr[r + 1] = w
-    return out_ptr, g[:w], v[:w]
+    return out_ptr, w
 
 
-def group_by_row(row: np.ndarray, gid: np.ndarray, val: np.ndarray, n_rows: int, *,
-                 merge_duplicates: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """CSR (indptr, genes ascending per row, values) from unordered triples; see module doc."""
-    return _group_kernel(np.ascontiguousarray(row, dtype=np.int32), np.ascontiguousarray(gid, dtype=np.int32),
-                         np.ascontiguousarray(val, dtype=np.float32), int(n_rows), bool(merge_duplicates))
-
-
-def rows_of(d0: np.ndarray, joinids: np.ndarray) -> np.ndarray:
-    """(nnz,) int32 index into the sorted ``joinids`` of each soma_dim_0 value.
-
-    A chunk is a contiguous slice of a sorted query, so a dense lookup table over its joinid
-    span is cheap (span <= 8x its size) and avoids a binary search per nonzero.
-    """
+def _row_table(joinids: np.ndarray) -> tuple[int, np.ndarray]:
+    """A dense soma_joinid -> row lookup over the chunk's joinid span when that span is small
+    (a chunk is a slice of a sorted query, usually near-contiguous); else empty (binary search)."""
     lo, hi = int(joinids[0]), int(joinids[-1])
     if hi - lo + 1 <= 8 * joinids.size + 1024:
-        table = np.full(hi - lo + 1, -1, dtype=np.int32)
-        table[joinids - lo] = np.arange(joinids.size, dtype=np.int32)
-        return table[d0 - lo]
-    return np.searchsorted(joinids, d0).astype(np.int32)
+        table = np.full(hi - lo + 1, -1, dtype=np.int64)
+        table[joinids - lo] = np.arange(joinids.size, dtype=np.int64)
+        return lo, table
+    return lo, np.zeros(0, dtype=np.int64)
+
+
+class BadCounts(ValueError):
+    """A count that is not a raw UMI count: ``kind`` names it, ``soma_joinid`` and ``value`` show it."""
+
+    def __init__(self, kind: str, soma_joinid: int, value: float) -> None:
+        super().__init__(f"{kind} value {value!r} in cell soma_joinid {soma_joinid}")
+        self.kind, self.soma_joinid, self.value = kind, soma_joinid, value
+
+
+_KINDS = {BAD_NONFINITE: "non-finite (NaN/inf)", BAD_NEGATIVE: "negative", BAD_NONINTEGER: "non-integer"}
+
+
+class RowAssembler:
+    """Collects a chunk's X tables and assembles them into CSR rows ordered like ``joinids``.
+
+    ``add`` runs the first pass (checks and per-row counts) as each table arrives and keeps a
+    reference to its buffers; ``finish`` allocates the output once and scatters every table.
+    """
+
+    def __init__(self, joinids: np.ndarray, var_to_vocab: np.ndarray, *, merge_duplicates: bool = False) -> None:
+        self.joinids = np.ascontiguousarray(joinids, dtype=np.int64)
+        self.var_to_vocab = np.ascontiguousarray(var_to_vocab, dtype=np.int32)
+        self.merge = bool(merge_duplicates)
+        self.lo, self.table = _row_table(self.joinids) if self.joinids.size else (0, np.zeros(0, np.int64))
+        self.counts = np.zeros(self.joinids.size + 1, dtype=np.int64)
+        self.parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+
+    def add(self, d0: np.ndarray, d1: np.ndarray, val: np.ndarray) -> None:
+        d0 = np.ascontiguousarray(d0, dtype=np.int64)
+        d1 = np.ascontiguousarray(d1, dtype=np.int64)
+        val = np.ascontiguousarray(val)
+        if val.dtype.kind not in "fiu":
+            raise TypeError(f"X values must be numeric, got {val.dtype}")
+        code, i = _count_pass(d0, d1, val, self.lo, self.table, self.joinids, self.var_to_vocab, self.counts)
+        if code == BAD_ROW:
+            raise RuntimeError(f"the store returned soma_joinid {int(d0[i])}, which was not requested")
+        if code:
+            raise BadCounts(_KINDS[code], int(d0[i]), val[i].item())
+        self.parts.append((d0, d1, val))
+
+    def finish(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(indptr (n+1,) int64, genes (nnz,) int32 ascending per row, values (nnz,) float32)."""
+        indptr = np.cumsum(self.counts)
+        genes = np.empty(int(indptr[-1]), dtype=np.int32)
+        values = np.empty(int(indptr[-1]), dtype=np.float32)
+        fill = indptr[:-1].copy()
+        for d0, d1, val in self.parts:
+            _scatter_pass(d0, d1, val, self.lo, self.table, self.joinids, self.var_to_vocab, fill, genes, values)
+        self.parts.clear()
+        indptr, w = _sort_merge_rows(indptr, genes, values, self.merge)
+        if w < genes.size:
+            genes, values = genes[:w].copy(), values[:w].copy()
+        return indptr, genes, values
+

@@ -79,7 +79,8 @@ def source_of(cfg: IngestConfig) -> dict:
     return {"kind": "census", "census_version": cfg.census_version}
 
 
-def open_census(source: dict) -> soma.Collection:
+def open_census(source: dict, tiledb_config: dict | None = None) -> soma.Collection:
+    """Open the store ``source`` names; ``tiledb_config`` adds to cellxgene_census's defaults."""
     import cellxgene_census  # heavy import, only where needed
 
     if source["kind"] == "uri":
@@ -88,12 +89,12 @@ def open_census(source: dict) -> soma.Collection:
             raise IngestError(f"--census-uri {uri}: no such path. Build a local store with `ingest build-census` "
                               "or `ingest build-demo`, or use --census-version for the public Census")
         try:
-            return cellxgene_census.open_soma(uri=uri)
+            return cellxgene_census.open_soma(uri=uri, tiledb_config=tiledb_config)
         except Exception as e:  # noqa: BLE001 - anything that does not open is not a Census store
             raise IngestError(f"--census-uri {uri}: not a SOMA store ({type(e).__name__}: {e}). Point it at the "
                               "root of a Census copy (the folder holding census_data/ and census_info/)") from e
     try:
-        return cellxgene_census.open_soma(census_version=source["census_version"])
+        return cellxgene_census.open_soma(census_version=source["census_version"], tiledb_config=tiledb_config)
     except Exception as e:  # noqa: BLE001
         raise IngestError(f"--census-version {source['census_version']}: cannot open the public Census "
                           f"({type(e).__name__}: {e}). Offline? Use --census-uri with a local copy") from e

@@ -209,7 +209,7 @@ def _manifest(p: Plan, cfg: IngestConfig, shards: dict[int, dict], complete: boo
             "genes_dropped": p.genes_dropped,
             "genes_dropped_examples": p.genes_dropped_examples,
         },
-        "shards": [{k: v for k, v in s.items() if k not in ("read_s", "total_s")} for s in entries],
+        "shards": [{k: v for k, v in s.items() if k not in ("read_s", "total_s", "pid", "t_start")} for s in entries],
     }
 
 
@@ -313,6 +313,9 @@ def _run_chunks(cfg: IngestConfig, p: Plan, out: Path, chunks: list[np.ndarray],
                         raise IngestError(str(cause)) from None
                     raise
                 shards[i] = res
+                log.debug("shard %d: %d cells, read %.2fs, total %.2fs (pid %s, started %.2fs after the chunk phase)",
+                          i, res["n_rows"], res["read_s"], res["total_s"], res.get("pid"),
+                          res.get("t_start", t0) - t0)
                 done_cells += len(chunks[i])
                 write_manifest(out, _manifest(p, cfg, shards, complete=False))
                 now = time.perf_counter()

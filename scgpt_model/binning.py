@@ -88,8 +88,10 @@ def _order(vals, buf):
 
 @numba.njit(cache=True, nogil=True)
 def _bin_kernel(indptr, data, cell_ids, levels, seed, out):
-    """indptr (R+1,) int64; data (nnz,) float64 > 0; cell_ids (R,) uint64; levels (E,) float64;
-    out (nnz,) uint8 written in place. E = n_bins - 1 edges per cell.
+    """indptr (R+1,) int64; data (nnz,) float32 or float64, finite and > 0; cell_ids (R,) uint64;
+    levels (E,) float64; out (nnz,) uint8 written in place. E = n_bins - 1 edges per cell.
+    Returns the index of the first value that is not finite and > 0 (nothing is binned from
+    that row on), or -1.
 
     Per row: one argsort, the E edges from the sorted values, then a single merge-like sweep
     over values and edges in ascending order (both monotone), O(n log n + E) per cell.
@@ -103,6 +105,9 @@ def _bin_kernel(indptr, data, cell_ids, levels, seed, out):
         if n == 0:
             continue
         vals = data[start:start + n]
+        for j in range(n):
+            if not (vals[j] > 0 and vals[j] < np.inf):
+                return start + j
         order = _order(vals, buf)
         if order.shape[0] == 0:  # counting buffer too small: grow it and retry
             buf = np.zeros(2 * buf.shape[0] + int(vals.max()) + 2, dtype=np.int64)
@@ -112,12 +117,12 @@ def _bin_kernel(indptr, data, cell_ids, levels, seed, out):
         for k in range(n_edges):
             vi = (n - 1) * levels[k]
             if vi >= n - 1:
-                edges[k] = vals[order[n - 1]]
+                edges[k] = np.float64(vals[order[n - 1]])
                 continue
             lo = int(np.floor(vi))
             t = vi - lo
-            a = vals[order[lo]]
-            b = vals[order[lo + 1]]
+            a = np.float64(vals[order[lo]])
+            b = np.float64(vals[order[lo + 1]])
             d = b - a
             if t >= 0.5:
                 edges[k] = b - d * (1.0 - t)
@@ -128,7 +133,7 @@ def _bin_kernel(indptr, data, cell_ids, levels, seed, out):
         left = 0   # #edges <= x == np.digitize(x, edges)
         for j in range(n):
             pos = order[j]
-            x = vals[pos]
+            x = np.float64(vals[pos])
             while right < n_edges and edges[right] < x:
                 right += 1
             if left < right:
@@ -140,6 +145,7 @@ def _bin_kernel(indptr, data, cell_ids, levels, seed, out):
             else:
                 u = _uniform(seed, cell, np.uint64(pos))
                 out[start + pos] = int(np.ceil(u * (left - right) + right))
+    return -1
 
 
 def quantile_levels(n_bins: int) -> np.ndarray:
@@ -173,17 +179,18 @@ def bin_nonzero(indptr: np.ndarray, data: np.ndarray, cell_ids: np.ndarray, *,
     """
     _check_n_bins(n_bins)
     indptr = np.ascontiguousarray(indptr, dtype=np.int64)
-    data = np.ascontiguousarray(data, dtype=np.float64)  # float32 counts are exact in float64
+    data = np.asarray(data)  # float32 is binned as is (exact in float64); anything else as float64
+    data = np.ascontiguousarray(data, dtype=data.dtype if data.dtype in (np.float32, np.float64) else np.float64)
     cell_ids = np.ascontiguousarray(cell_ids, dtype=np.int64)
     if indptr.ndim != 1 or cell_ids.shape != (indptr.shape[0] - 1,):
         raise ValueError(f"cell_ids must have one id per row: {cell_ids.shape} ids for {indptr.shape[0] - 1} rows")
     if indptr[0] != 0 or indptr[-1] != data.shape[0] or np.any(np.diff(indptr) < 0):
         raise ValueError("indptr must start at 0, be non-decreasing and end at len(data)")
-    if data.size and not (np.all(np.isfinite(data)) and data.min() > 0):
-        raise ValueError("bin_nonzero takes the nonzero values only: all must be finite and > 0")
     out = np.zeros(data.shape[0], dtype=np.uint8)
-    _bin_kernel(indptr, data, cell_ids.view(np.uint64), quantile_levels(n_bins),
-                np.uint64(int(seed) & int(_MASK64)), out)
+    bad = _bin_kernel(indptr, data, cell_ids.view(np.uint64), quantile_levels(n_bins),
+                      np.uint64(int(seed) & int(_MASK64)), out)
+    if bad >= 0:
+        raise ValueError(f"bin_nonzero takes the nonzero values only: all must be finite and > 0, got {data[bad]!r}")
     return out
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import anndata as ad
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pytest
 import scipy.sparse as sp
 import tiledbsoma as soma
@@ -16,7 +17,7 @@ import tiledbsoma as soma
 from ingest.cli import main
 from ingest.errors import IngestError
 from ingest.store_writer import CensusStoreWriter, DatasetInfo
-from ingest.worker import check_chunk_counts
+from ingest.worker import assemble
 
 
 def _census(demo_census: Path, out: Path, *extra: str) -> list[str]:
@@ -126,8 +127,9 @@ def test_bad_numbers(demo_census, tmp_path, capsys, argv, needle):
                                           (0.5, "non-integer")])
 def test_chunk_count_check(value, needle):
     vals = np.array([1.0, 2.0, value, 3.0], dtype=np.float32)
+    tbl = pa.table({"soma_dim_0": np.array([10, 10, 11, 11]), "soma_dim_1": np.array([0, 1, 0, 1]), "soma_data": vals})
     with pytest.raises(IngestError, match=needle) as e:
-        check_chunk_counts(vals, np.array([10, 10, 11, 11]))
+        assemble([tbl], np.array([10, 11]), np.arange(2, dtype=np.int32))
     assert "soma_joinid 11" in str(e.value) and "raw" in str(e.value)
 
 

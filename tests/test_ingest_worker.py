@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 import scipy.sparse as sp
 
 from ingest.manifest import is_validation
 from ingest.query import IngestConfig
 from ingest.run import plan, sample_joinids
 from ingest.store_writer import CensusStoreWriter, DatasetInfo
-from ingest.worker import process_chunk
+from ingest.worker import assemble, process_chunk
 from scgpt_model.binning import bin_nonzero
 from scgpt_model.vocab import GeneVocab
 
@@ -87,3 +89,65 @@ def test_split_and_sample_are_pure_functions():
     assert not is_validation(ids, 0.0, 0).any()
     s = sample_joinids(ids[::3], 500, seed=2)
     assert s.size == 500 and np.all(np.diff(s) > 0) and np.array_equal(s, sample_joinids(ids[::3], 500, seed=2))
+
+
+def _reference_csr(d0, d1, val, joinids, var_to_vocab, merge):
+    """Plain-Python reference: per cell, vocabulary ids ascending with their counts."""
+    cells = {int(j): {} for j in joinids}
+    order = {}
+    for r, c, x in zip(d0.tolist(), d1.tolist(), val.tolist()):
+        g = int(var_to_vocab[c])
+        if x == 0 or g < 0:
+            continue
+        cell = cells[r]
+        if merge:
+            cell[g] = cell.get(g, 0.0) + x
+        else:
+            cell.setdefault(g, []).append(x)
+            order[(r, g)] = order.get((r, g), 0) + 1
+    out = []
+    for j in joinids.tolist():
+        items = sorted(cells[j].items())
+        genes = [g for g, v in items for _ in (v if isinstance(v, list) else [v])]
+        vals = [x for g, v in items for x in (v if isinstance(v, list) else [v])]
+        out.append((genes, vals))
+    return out
+
+
+@pytest.mark.parametrize("contiguous", [True, False])
+@pytest.mark.parametrize("merge", [True, False])
+def test_row_assembler_matches_reference(contiguous, merge):
+    """Several Arrow tables in tile-like (not row-major) order; sparse joinids use the binary-search
+    path; genes outside the vocabulary and explicit zeros are dropped; a vocabulary that reverses
+    and merges var rows forces per-row sorting and duplicate summing."""
+    rng = np.random.default_rng(3)
+    n_var = 50
+    joinids = np.sort(rng.choice(np.arange(5, 200) if contiguous else np.arange(0, 10**9, 997), 40, replace=False))
+    var_to_vocab = (n_var - 1 - np.arange(n_var)).astype(np.int32) // (2 if merge else 1)  # reversed (+ merged)
+    var_to_vocab[[3, 17]] = -1
+    dense = rng.poisson(0.7, size=(joinids.size, n_var)).astype(np.float32)
+    dense[rng.random(dense.shape) < 0.05] = 0  # (explicit zeros are stored below too)
+    r, c = np.nonzero(np.ones_like(dense))
+    keep = (dense[r, c] > 0) | (rng.random(r.size) < 0.1)
+    r, c = r[keep], c[keep]
+    tiles = np.lexsort((r, c // 16, r // 8))  # tile order: row tiles, then column tiles, row-major inside
+    r, c = r[tiles], c[tiles]
+    d0, d1, val = joinids[r], c.astype(np.int64), dense[r, c]
+    parts = np.array_split(np.arange(d0.size), 4)
+    tables = [pa.table({"soma_dim_0": d0[p], "soma_dim_1": d1[p], "soma_data": val[p]}) for p in parts]
+    indptr, genes, values = assemble(tables, joinids, var_to_vocab, merge_duplicates=merge)
+    ref = _reference_csr(d0, d1, val, joinids, var_to_vocab, merge)
+    assert indptr.shape == (joinids.size + 1,) and indptr[-1] == genes.size == values.size
+    for k, (g_ref, v_ref) in enumerate(ref):
+        s, e = indptr[k], indptr[k + 1]
+        np.testing.assert_array_equal(genes[s:e], g_ref)
+        np.testing.assert_allclose(values[s:e], v_ref)
+    assert genes.dtype == np.int32 and values.dtype == np.float32 and (values > 0).all()
+    if merge:
+        assert all(np.all(np.diff(genes[indptr[k]:indptr[k + 1]]) > 0) for k in range(joinids.size))
+
+
+def test_row_assembler_rejects_cells_outside_the_chunk():
+    tbl = pa.table({"soma_dim_0": np.array([1, 7]), "soma_dim_1": np.array([0, 1]), "soma_data": np.ones(2, np.float32)})
+    with pytest.raises(RuntimeError, match="soma_joinid 7"):
+        assemble([tbl], np.array([1, 2]), np.arange(2, dtype=np.int32))
