@@ -94,6 +94,10 @@ def open_census(source: dict, tiledb_config: dict | None = None) -> soma.Collect
             raise IngestError(f"--census-uri {uri}: not a SOMA store ({type(e).__name__}: {e}). Point it at the "
                               "root of a Census copy (the folder holding census_data/ and census_info/)") from e
     try:
+        if source.get("uri"):  # pinned by ``pin_release``: workers open the exact release the plan resolved
+            config = {**({"vfs.s3.region": source["s3_region"]} if source.get("s3_region") else {}),
+                      **(tiledb_config or {})}
+            return cellxgene_census.open_soma(uri=source["uri"], tiledb_config=config)
         return cellxgene_census.open_soma(census_version=source["census_version"], tiledb_config=tiledb_config)
     except Exception as e:  # noqa: BLE001
         raise IngestError(f"--census-version {source['census_version']}: cannot open the public Census "
@@ -188,6 +192,20 @@ def query_joinids(exp: soma.Experiment, value_filter: str) -> np.ndarray:
 
 def var_table(exp: soma.Experiment) -> pa.Table:
     return exp.ms["RNA"].var.read(column_names=["soma_joinid", "feature_id", "feature_name"]).concat()
+
+
+def pin_release(source: dict, census: soma.Collection) -> dict:
+    """For a public release, record what ``--census-version`` resolved to (the release build, the
+    store URI and its S3 region) so that every worker, and a resumed run, reads that exact release
+    even when an alias such as ``stable`` moves on, and no worker queries the release directory."""
+    if source["kind"] != "census" or source.get("uri"):
+        return source
+    import cellxgene_census
+
+    description = cellxgene_census.get_census_version_description(source["census_version"])
+    region = census.context.tiledb_config.get("vfs.s3.region") if census.context else None
+    return {**source, "release_build": description.get("release_build"), "uri": census.uri,
+            "s3_region": region if str(census.uri).startswith("s3://") else None}
 
 
 def store_identity(census: soma.Collection) -> dict:

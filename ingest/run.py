@@ -26,6 +26,7 @@ from ingest.query import (
     build_filter,
     experiment_of,
     open_census,
+    pin_release,
     query_joinids,
     source_of,
     store_identity,
@@ -90,7 +91,7 @@ def plan(cfg: IngestConfig) -> Plan:
         exp = experiment_of(census, cfg.organism, where)
         value_filter = build_filter(cfg, exp)
         joinids = query_joinids(exp, value_filter)
-        source = {**source, **store_identity(census)}
+        source = {**pin_release(source, census), **store_identity(census)}
         var = var_table(exp)
     if joinids.size == 0:
         raise IngestError(f"the query matched no cells (filter: {value_filter or 'none'}). Loosen it: check "
