@@ -36,9 +36,9 @@ log = logging.getLogger(__name__)
 
 _OBS_DICT = pa.dictionary(pa.int32(), pa.string())
 
-# TileDB result buffers per X read. Small buffers stream a chunk as several Arrow tables that the
-# allocator can recycle (see ``malloc_env``), instead of ~650 MB of fresh pages per 10k cells
-# (Census's 1 GiB default); measured ~30% less CPU per read on the benchmark store.
+# TileDB result buffers per X read. Small buffers stream a chunk as several Arrow tables whose
+# memory the allocator recycles, instead of ~650 MB of fresh pages per 10k cells (Census's
+# 1 GiB default); measured ~30% less CPU per read on the benchmark store.
 READ_BUFFER_BYTES = 16 << 20
 
 
