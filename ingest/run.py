@@ -13,6 +13,7 @@ import logging
 import os
 import shutil
 import time
+import uuid
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -32,7 +33,7 @@ from ingest.query import (
     store_identity,
     var_table,
 )
-from ingest.worker import process_chunk
+from ingest.worker import WORKER_ENV, process_chunk
 from scgpt_model.schema import MANIFEST_FILE, SHARD_SCHEMA, VOCAB_FILE
 from scgpt_model.vocab import GeneVocab, VocabError
 
@@ -210,25 +211,26 @@ def _manifest(p: Plan, cfg: IngestConfig, shards: dict[int, dict], complete: boo
             "genes_dropped": p.genes_dropped,
             "genes_dropped_examples": p.genes_dropped_examples,
         },
-        "shards": [{k: v for k, v in s.items() if k not in ("read_s", "total_s", "pid", "t_start")} for s in entries],
+        "shards": [{k: v for k, v in s.items() if k not in DEBUG_KEYS} for s in entries],
     }
+
+
+# per-shard worker results that are for the debug log only, not for the manifest
+DEBUG_KEYS = ("stages", "pid", "t_start")
 
 
 def _init_ray(cfg: IngestConfig) -> bool:
     """Start a local Ray (loopback only) unless one is running or --ray-address is given."""
     import ray
 
+    from ingest.localray import connect, start_local
+
     if ray.is_initialized():
         return False
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if cfg.ray_address:
-        ray.init(address=cfg.ray_address, logging_level=logging.WARNING)
+        connect(cfg.ray_address, worker_env=WORKER_ENV, logging_level=logging.WARNING)
     else:
-        # address="local": always a fresh cluster owned by this process, never one found on the machine
-        ray.init(address="local", num_cpus=cfg.num_cpus or os.cpu_count(), _node_ip_address="127.0.0.1",
-                 include_dashboard=False,
-                 logging_level=logging.WARNING, configure_logging=False)
+        start_local(num_cpus=cfg.num_cpus or os.cpu_count(), worker_env=WORKER_ENV, configure_logging=False)
     return True
 
 
@@ -291,6 +293,7 @@ def _run_chunks(cfg: IngestConfig, p: Plan, out: Path, chunks: list[np.ndarray],
     var_ref = ray.put(p.var_to_vocab)
     base = {"source": p.source, "organism": cfg.organism, "out": str(out.resolve()), "n_bins": cfg.n_bins,
             "seed": cfg.seed, "val_fraction": cfg.val_fraction, "min_genes": cfg.min_genes,
+            "run_token": uuid.uuid4().hex,  # workers keep the store open for the chunks of this run only
             "merge_duplicates": p.merge_duplicates}
     max_inflight = max(2, int(ray.cluster_resources().get("CPU", 1)) * 2)
     pending = list(todo)
@@ -314,9 +317,12 @@ def _run_chunks(cfg: IngestConfig, p: Plan, out: Path, chunks: list[np.ndarray],
                         raise IngestError(str(cause)) from None
                     raise
                 shards[i] = res
-                log.debug("shard %d: %d cells, read %.2fs, total %.2fs (pid %s, started %.2fs after the chunk phase)",
-                          i, res["n_rows"], res["read_s"], res["total_s"], res.get("pid"),
-                          res.get("t_start", t0) - t0)
+                if log.isEnabledFor(logging.DEBUG):
+                    stages = res.get("stages", {})
+                    log.debug("shard %d: %d cells, pid %s, started %.2fs into the chunk phase; wall/CPU s: %s, "
+                              "total %.2f/%.2f", i, res["n_rows"], res.get("pid"), res.get("t_start", t0) - t0,
+                              " ".join(f"{k} {w:.2f}/{c:.2f}" for k, (w, c) in stages.items()),
+                              sum(w for w, _ in stages.values()), sum(c for _, c in stages.values()))
                 done_cells += len(chunks[i])
                 write_manifest(out, _manifest(p, cfg, shards, complete=False))
                 now = time.perf_counter()

@@ -171,11 +171,12 @@ def tie_uniforms(seed: int, cell_ids: np.ndarray, positions: np.ndarray) -> np.n
 
 
 def bin_nonzero(indptr: np.ndarray, data: np.ndarray, cell_ids: np.ndarray, *,
-                n_bins: int = DEFAULT_N_BINS, seed: int = DEFAULT_SEED) -> np.ndarray:
+                n_bins: int = DEFAULT_N_BINS, seed: int = DEFAULT_SEED, out: np.ndarray | None = None) -> np.ndarray:
     """Bins (uint8, aligned with ``data``, each in 1..n_bins-1) of a CSR block's nonzero values.
 
     indptr: (R+1,) row offsets into ``data``; data: (nnz,) values, all > 0 and finite;
-    cell_ids: (R,) int64 stable per-cell ids (``soma_joinid``) that seed the tie draws.
+    cell_ids: (R,) int64 stable per-cell ids (``soma_joinid``) that seed the tie draws;
+    out: optional (nnz,) uint8 array to write the bins into (every element is written).
     """
     _check_n_bins(n_bins)
     indptr = np.ascontiguousarray(indptr, dtype=np.int64)
@@ -186,7 +187,10 @@ def bin_nonzero(indptr: np.ndarray, data: np.ndarray, cell_ids: np.ndarray, *,
         raise ValueError(f"cell_ids must have one id per row: {cell_ids.shape} ids for {indptr.shape[0] - 1} rows")
     if indptr[0] != 0 or indptr[-1] != data.shape[0] or np.any(np.diff(indptr) < 0):
         raise ValueError("indptr must start at 0, be non-decreasing and end at len(data)")
-    out = np.zeros(data.shape[0], dtype=np.uint8)
+    if out is None:
+        out = np.zeros(data.shape[0], dtype=np.uint8)
+    elif out.shape != data.shape or out.dtype != np.uint8 or not out.flags.c_contiguous:
+        raise ValueError(f"out must be a contiguous uint8 array of shape {data.shape}")
     bad = _bin_kernel(indptr, data, cell_ids.view(np.uint64), quantile_levels(n_bins),
                       np.uint64(int(seed) & int(_MASK64)), out)
     if bad >= 0:

@@ -10,6 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 import scipy.sparse as sp
 
+from ingest.csr import Scratch, row_sums
 from ingest.manifest import is_validation
 from ingest.query import IngestConfig
 from ingest.run import plan, sample_joinids
@@ -136,6 +137,16 @@ def test_row_assembler_matches_reference(contiguous, merge):
     parts = np.array_split(np.arange(d0.size), 4)
     tables = [pa.table({"soma_dim_0": d0[p], "soma_dim_1": d1[p], "soma_data": val[p]}) for p in parts]
     indptr, genes, values = assemble(tables, joinids, var_to_vocab, merge_duplicates=merge)
+    # the worker's path: outputs in reused scratch buffers (a stale larger buffer must not leak in)
+    scratch = Scratch()
+    scratch.array("genes", 10 * genes.size, np.int32)[:] = -7
+    scratch.array("values", 10 * genes.size, np.float32)[:] = -7
+    i2, g2, v2 = assemble(tables, joinids, var_to_vocab, merge_duplicates=merge, scratch=scratch)
+    np.testing.assert_array_equal(i2, indptr)
+    np.testing.assert_array_equal(g2, genes)
+    np.testing.assert_array_equal(v2, values)
+    np.testing.assert_allclose(row_sums(indptr, values), [values[indptr[k]:indptr[k + 1]].sum()
+                                                          for k in range(joinids.size)], rtol=1e-6)
     ref = _reference_csr(d0, d1, val, joinids, var_to_vocab, merge)
     assert indptr.shape == (joinids.size + 1,) and indptr[-1] == genes.size == values.size
     for k, (g_ref, v_ref) in enumerate(ref):
@@ -151,3 +162,14 @@ def test_row_assembler_rejects_cells_outside_the_chunk():
     tbl = pa.table({"soma_dim_0": np.array([1, 7]), "soma_dim_1": np.array([0, 1]), "soma_data": np.ones(2, np.float32)})
     with pytest.raises(RuntimeError, match="soma_joinid 7"):
         assemble([tbl], np.array([1, 2]), np.arange(2, dtype=np.int32))
+
+
+def test_scratch_reuses_and_grows_its_buffers():
+    s = Scratch()
+    a = s.array("x", 100, np.int32)
+    assert a.shape == (100,) and a.dtype == np.int32
+    b = s.array("x", 110, np.int32)  # within the 25% headroom: same memory
+    assert np.shares_memory(a, b)
+    c = s.array("x", 1000, np.int32)
+    assert c.shape == (1000,) and not np.shares_memory(a, c)
+    assert s.array("x", 10, np.float32).dtype == np.float32  # another dtype: a new buffer

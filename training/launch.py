@@ -128,32 +128,21 @@ def _start_ray(cfg: TrainConfig) -> bool:
     """Connect to --ray-address, or start a local Ray bound to loopback. True when we started it."""
     import ray
 
+    from ingest.localray import connect, start_local
+
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     if ray.is_initialized():
         return False
     if cfg.cluster.ray_address:
-        kwargs: dict[str, Any] = {}
-        host = cfg.cluster.ray_address.split("://")[-1].rsplit(":", 1)[0].strip("[]")
-        if host in ("127.0.0.1", "localhost", "::1"):
-            # A cluster on this machine bound to loopback (`ray start --head --node-ip-address
-            # 127.0.0.1`). Ray rewrites a loopback bootstrap address to the machine's external IP
-            # (meant for multi-node clusters), where such a cluster does not listen: keep loopback.
-            from ray._private import ray_constants
-
-            ray_constants.ENABLE_RAY_CLUSTER = False
-            kwargs["_node_ip_address"] = "127.0.0.1"
         try:
-            ray.init(address=cfg.cluster.ray_address, log_to_driver=True, **kwargs)
+            connect(cfg.cluster.ray_address, log_to_driver=True)
         except (ConnectionError, RuntimeError, ValueError) as e:
             raise TrainUsageError(f"cannot connect to the Ray cluster at {cfg.cluster.ray_address} ({e}); "
                                   "check --ray-address or drop it to start a local Ray") from e
         return True
-    cpus = max(os.cpu_count() or 1, 1)
-    # address="local": always a new local instance; plain ray.init() would attach to any Ray that
-    # another process on this machine started (it reads /tmp/ray's current-cluster file)
-    ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, num_cpus=cpus,
-             object_store_memory=256 * 1024**2, log_to_driver=True)
+    start_local(num_cpus=max(os.cpu_count() or 1, 1), object_store_memory=256 * 1024**2, log_to_driver=True,
+                logging_level=logging.INFO)
     return True
 
 
