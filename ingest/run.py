@@ -216,7 +216,7 @@ def _manifest(p: Plan, cfg: IngestConfig, shards: dict[int, dict], complete: boo
 
 
 # per-shard worker results that are for the debug log only, not for the manifest
-DEBUG_KEYS = ("stages", "pid", "t_start")
+DEBUG_KEYS = ("stages", "pid", "rss_mb", "t_start")
 
 
 def _init_ray(cfg: IngestConfig) -> bool:
@@ -319,8 +319,9 @@ def _run_chunks(cfg: IngestConfig, p: Plan, out: Path, chunks: list[np.ndarray],
                 shards[i] = res
                 if log.isEnabledFor(logging.DEBUG):
                     stages = res.get("stages", {})
-                    log.debug("shard %d: %d cells, pid %s, started %.2fs into the chunk phase; wall/CPU s: %s, "
-                              "total %.2f/%.2f", i, res["n_rows"], res.get("pid"), res.get("t_start", t0) - t0,
+                    log.debug("shard %d: %d cells, pid %s (RSS %.0f MB), started %.2fs into the chunk phase; "
+                              "wall/CPU s: %s, total %.2f/%.2f", i, res["n_rows"], res.get("pid"),
+                              res.get("rss_mb", float("nan")), res.get("t_start", t0) - t0,
                               " ".join(f"{k} {w:.2f}/{c:.2f}" for k, (w, c) in stages.items()),
                               sum(w for w, _ in stages.values()), sum(c for _, c in stages.values()))
                 done_cells += len(chunks[i])
