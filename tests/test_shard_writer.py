@@ -91,6 +91,7 @@ def test_obs_nulls_large_dictionaries_and_chunked_input(tmp_path):
     chunked = pa.concat_tables([table.slice(0, 250), table.slice(250)])
     assert chunked.column(S.GENES).num_chunks == 2
     _roundtrip(tmp_path, chunked)
+    _roundtrip(tmp_path, table.slice(123, 300))  # one chunk with a non-zero offset
 
 
 @pytest.mark.parametrize("case", ["no rows", "null list values"])
