@@ -17,7 +17,7 @@ Stage profile: one worker's wall and CPU seconds per 10k-cell chunk, stage by st
     python benchmarks/bench_ingest.py --store /tmp/bench_ingest/synth200k --work /tmp/bench_ingest/work
 
 Builds the store first (``ingest synth-census``) when it does not exist. Writes a Markdown
-section to benchmarks/results/ingest.md.
+section and the JSON figures to benchmarks/results/<--name>.md / .json (default: ingest).
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "benchmarks" / "results" / "ingest.md"
+RESULTS_DIR = REPO / "benchmarks" / "results"
 
 
 def _env() -> dict[str, str]:
@@ -275,7 +275,7 @@ def main() -> None:
     print(json.dumps(res, indent=1))
     if not args.no_write:
         write_markdown(res, args)
-        (RESULTS.parent / f"{args.name}.json").write_text(json.dumps(res, indent=1))
+        (RESULTS_DIR / f"{args.name}.json").write_text(json.dumps(res, indent=1))
 
 
 def write_markdown(r: dict, args: argparse.Namespace) -> None:
@@ -347,7 +347,7 @@ def write_markdown(r: dict, args: argparse.Namespace) -> None:
         "in the number of cells.",
         "",
     ]
-    out = RESULTS.parent / f"{args.name}.md"
+    out = RESULTS_DIR / f"{args.name}.md"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines))
     print(f"wrote {out}")

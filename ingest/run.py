@@ -180,6 +180,10 @@ class OutputDir:
             self.remove_temp_files()
 
 
+# per-shard worker results that are for the debug log only, not for the manifest
+DEBUG_KEYS = ("stages", "pid", "rss_mb", "t_start")
+
+
 def _manifest(p: Plan, cfg: IngestConfig, shards: dict[int, dict], complete: bool) -> dict:
     entries = [shards[i] for i in sorted(shards)]
     return {
@@ -213,10 +217,6 @@ def _manifest(p: Plan, cfg: IngestConfig, shards: dict[int, dict], complete: boo
         },
         "shards": [{k: v for k, v in s.items() if k not in DEBUG_KEYS} for s in entries],
     }
-
-
-# per-shard worker results that are for the debug log only, not for the manifest
-DEBUG_KEYS = ("stages", "pid", "rss_mb", "t_start")
 
 
 def _init_ray(cfg: IngestConfig) -> bool:

@@ -20,6 +20,7 @@ the list values or in the numeric columns) go to ``write_table`` with ``SHARD_WR
 from __future__ import annotations
 
 import base64
+import functools
 import struct
 from pathlib import Path
 
@@ -35,6 +36,9 @@ CREATED_BY = "scgpt-census shard writer (ingest.shard_writer)"
 PAGE_VALUES = 1 << 20  # list values per data page (4 MiB of INT32/FLOAT), pages end on cell boundaries
 ZSTD_LEVEL = int(SHARD_WRITE_OPTIONS["compression_level"])
 _PAGES = Scratch()  # one reused page buffer per process
+# what pyarrow stores under ARROW:schema (the IPC-serialized schema, base64), so readers get the
+# dictionary and uint8 types back
+_ARROW_SCHEMA_B64 = base64.b64encode(SHARD_SCHEMA.serialize().to_pybytes()).decode()
 
 # parquet.thrift enums
 _INT32, _INT64, _FLOAT, _BYTE_ARRAY = 1, 2, 4, 6
@@ -304,7 +308,9 @@ def _write_dictionary(ch: _Chunks, name: str, arr: pa.DictionaryArray) -> None:
 
 
 # --------------------------------------------------------------------------- schema and file
+@functools.cache
 def _schema_elements() -> list[list]:
+    """Parquet SchemaElements of SHARD_SCHEMA (obs strings are nullable there: OPTIONAL)."""
     els = [[(3, "i32", _REQUIRED), (4, "bin", "schema"), (5, "i32", len(SHARD_SCHEMA))]]
     for f in SHARD_SCHEMA:
         t = f.type
@@ -321,8 +327,8 @@ def _schema_elements() -> list[list]:
                 els.append([(1, "i32", _INT32 if pa.types.is_int32(elem) else _FLOAT), (3, "i32", _OPTIONAL),
                             (4, "bin", "element")])
         elif pa.types.is_dictionary(t):
-            els.append([(1, "i32", _BYTE_ARRAY), (3, "i32", _OPTIONAL if f.nullable else _REQUIRED),
-                        (4, "bin", f.name), (6, "i32", _CONVERTED_UTF8), (10, "struct", [(1, "struct", [])])])
+            els.append([(1, "i32", _BYTE_ARRAY), (3, "i32", _OPTIONAL), (4, "bin", f.name),
+                        (6, "i32", _CONVERTED_UTF8), (10, "struct", [(1, "struct", [])])])
         else:
             ptype = {pa.int64(): _INT64, pa.int32(): _INT32, pa.float32(): _FLOAT}[t]
             els.append([(1, "i32", ptype), (3, "i32", _REQUIRED), (4, "bin", f.name)])
@@ -364,13 +370,12 @@ def write_shard(table: pa.Table, path: str | Path) -> None:
         else:
             _write_plain(ch, f.name, col.to_numpy(zero_copy_only=False))
     n_leaves = len(ch.columns)
-    schema_b64 = base64.b64encode(SHARD_SCHEMA.serialize().to_pybytes()).decode()
     footer = _thrift([
         (1, "i32", 2),
         (2, "list:struct", _schema_elements()),
         (3, "i64", table.num_rows),
         (4, "list:struct", [[(1, "list:struct", ch.columns), (2, "i64", ch.raw_bytes), (3, "i64", table.num_rows)]]),
-        (5, "list:struct", [[(1, "bin", "ARROW:schema"), (2, "bin", schema_b64)]]),
+        (5, "list:struct", [[(1, "bin", "ARROW:schema"), (2, "bin", _ARROW_SCHEMA_B64)]]),
         (6, "bin", CREATED_BY),
         (7, "list:struct", [[(1, "struct", [])] for _ in range(n_leaves)]),
     ])

@@ -107,8 +107,6 @@ def _list_array(offsets: np.ndarray, values: np.ndarray, typ: pa.DataType) -> pa
     return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(values, type=typ))
 
 
-_FROZEN = False
-
 # The store this worker process has open: (key, census handle, experiment). A worker runs many
 # chunks of one ingest; reopening per chunk built a new TileDB context each time (thread pools,
 # buffers, fragment metadata), which cost up to ~0.4 CPU-s a chunk in reads and obs lookups.
@@ -133,20 +131,6 @@ def _open_experiment(spec: dict):
             raise
         _OPEN = (key, census, exp)
     return _OPEN[2]
-
-
-def _freeze_startup_objects() -> None:
-    """Once per worker process: move everything that exists now (Ray, TileDB, numba, our modules:
-    hundreds of thousands of objects) out of the cyclic GC's reach, so that a full collection
-    triggered by a chunk's own short-lived objects does not re-scan all of them. (A cheap
-    precaution: the per-chunk spikes first blamed on the GC turned out to be ``np.add.reduceat``.)"""
-    global _FROZEN
-    if not _FROZEN:
-        import gc
-
-        gc.collect()
-        gc.freeze()
-        _FROZEN = True
 
 
 def _rss_mb() -> float:
@@ -178,7 +162,6 @@ def process_chunk(spec: dict) -> dict:
     merge_duplicates, n_bins, seed, val_fraction, min_genes, and run_token (chunks of one run share
     this process's open store handle). The only state kept between chunks is that handle and the
     scratch arrays, never data."""
-    _freeze_startup_objects()
     st = _Stages()
     joinids = np.asarray(spec["joinids"], dtype=np.int64)
     out = Path(spec["out"])
