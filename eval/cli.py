@@ -31,11 +31,15 @@ def _parser(suite: bool) -> argparse.ArgumentParser:
     if not suite:
         ap.add_argument("--task", required=True, choices=tasks.TASKS)
         ap.add_argument("--dataset", required=True, help="an .h5ad file with raw counts, or a shipped "
-                        "dataset: pbmc3k, symphony")
+                        "dataset: pbmc3k, symphony; multiomic: a MuData .h5mu, an .h5ad with proteins in "
+                        "obsm, or pbmc_cite")
         ap.add_argument("--label-key", help="obs column with cell types (default: the shipped dataset's)")
         ap.add_argument("--batch-key", help="obs column with batches (integration; default: the shipped dataset's)")
         ap.add_argument("--query-batch", action="append", default=[],
                         help="batch held out as the annotation / reference-mapping query (repeatable)")
+    ap.add_argument("--trunk", choices=("scratch", "inherit"), default="scratch",
+                    help="multiomic: 'scratch' = only gene embeddings inherited, fresh 4-layer trunk (paper); "
+                    "'inherit' = keep every pretrained weight")
     ap.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, "
                     "else sqlite:///./mlflow.db)")
     ap.add_argument("--epochs", type=int, default=30, help="fine-tuning epochs (paper: 30)")
@@ -84,7 +88,7 @@ def _main(args: argparse.Namespace, suite: bool) -> int:
         epochs=args.epochs, batch_size=args.batch_size, n_hvg=args.n_hvg, max_cells=args.max_cells,
         seed=args.seed, random_init=not args.no_random_init, plots=not args.no_plots, device=device,
         label_key=None if suite else args.label_key, batch_key=None if suite else args.batch_key,
-        query_batches=() if suite else tuple(args.query_batch))
+        query_batches=() if suite else tuple(args.query_batch), trunk=args.trunk)
     if suite:
         parent, results = evaluate_suite(model, opts, tracking_uri=tracking_uri, out=args.out)
         print(combine_markdown(results))

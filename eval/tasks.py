@@ -24,11 +24,12 @@ from eval.report import TaskResult
 
 log = logging.getLogger(__name__)
 
-TASKS = ("annotation", "integration", "zero-shot", "gene-network")
+TASKS = ("annotation", "integration", "zero-shot", "gene-network", "multiomic")
 # `evaluate suite`: every task on its default datasets (paper-like choices, all shipped)
 SUITE: tuple[tuple[str, str], ...] = (
     ("annotation", "pbmc3k"), ("annotation", "symphony"), ("integration", "symphony"),
-    ("zero-shot", "symphony"), ("zero-shot", "pbmc3k"), ("gene-network", "pbmc3k"))
+    ("zero-shot", "symphony"), ("zero-shot", "pbmc3k"), ("gene-network", "pbmc3k"),
+    ("multiomic", "pbmc_cite"))
 MODEL, RANDOM = "scGPT", "scGPT random init"
 
 
@@ -50,6 +51,7 @@ class EvalOptions:
     plots: bool = True
     device: str = "cpu"
     resolutions: tuple[float, ...] = metrics.RESOLUTIONS
+    trunk: str = "scratch"  # multiomic: "scratch" (paper: only gene embeddings inherited) or "inherit"
 
 
 @dataclass
@@ -76,6 +78,11 @@ def plan(task: str, model: ScGPTModel, dataset: str, opts: EvalOptions) -> Plan:
     """Load and check everything for one task; raises ``EvalError`` on bad input."""
     if task not in TASKS:
         raise EvalError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
+    if task == "multiomic":  # MuData / CITE-seq input: its own loader and checks (eval/multiomic_data.py)
+        from eval.multiomic import plan_multiomic
+
+        data = plan_multiomic(model, dataset, opts)
+        return Plan(task, data.name, data)
     name, adata, meta = load_dataset(dataset)
     need_batch = task == "integration"
     label, batch = _keys(adata, meta, opts, name, need_label=True, need_batch=need_batch)
@@ -262,7 +269,13 @@ def run_gene_network(p: Plan, model: ScGPTModel, opts: EvalOptions, outdir: Path
 
 
 RUNNERS = {"annotation": run_annotation, "integration": run_integration, "zero-shot": run_zero_shot,
-           "gene-network": run_gene_network}
+           "gene-network": run_gene_network, "multiomic": lambda *a: _run_multiomic(*a)}
+
+
+def _run_multiomic(p: Plan, model: ScGPTModel, opts: EvalOptions, outdir: Path) -> TaskResult:
+    from eval.multiomic import run_multiomic
+
+    return run_multiomic(p, model, opts, outdir)
 
 
 def run(p: Plan, model: ScGPTModel, opts: EvalOptions, outdir: Path) -> TaskResult:

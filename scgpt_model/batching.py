@@ -276,7 +276,8 @@ def collate_all_genes(genes: np.ndarray | Sequence[np.ndarray], values: np.ndarr
     become GEP targets: in ``mode="mlm"`` (as the reference fine-tuning) their value is replaced
     by the mask value and every token sees every other; in ``mode="generative"`` they go to the
     unknown block. ``mask_ratio=0`` gives an unmasked batch (CLS fine-tuning, embeddings).
-    ``modality``: (G,) per-gene modality ids (shared gene set only).
+    ``modality``: (G,) per-gene modality ids for a shared gene set, or one array per cell when
+    ``genes`` is per cell (mosaic multi-omic data: each cell lists only the features it measured).
     """
     if not 0.0 <= mask_ratio <= 1.0:
         raise ValueError(f"mask_ratio must be in [0, 1], got {mask_ratio}")
@@ -284,9 +285,10 @@ def collate_all_genes(genes: np.ndarray | Sequence[np.ndarray], values: np.ndarr
         raise ValueError(f"mode must be 'mlm' or 'generative', got {mode!r}")
     rng = as_generator(seed)
     n_cells = len(values)
-    if modality is not None and not (isinstance(genes, np.ndarray) and genes.ndim == 1):
-        raise ValueError("modality ids are per gene of a shared gene set: pass genes as one (G,) array")
     shared = isinstance(genes, np.ndarray) and genes.ndim == 1 and np.issubdtype(genes.dtype, np.integer)
+    if modality is not None and not shared and len(modality) != n_cells:
+        raise ValueError("modality ids: one (G,) array for a shared gene set, or one array per cell when genes "
+                         f"are per cell (got {len(modality)} for {n_cells} cells)")
     cells = []
     for i in range(n_cells):
         g = np.asarray(genes if shared else genes[i])
@@ -294,7 +296,9 @@ def collate_all_genes(genes: np.ndarray | Sequence[np.ndarray], values: np.ndarr
         if g.shape != v.shape:
             raise ValueError(f"cell {i}: {len(v)} values for {len(g)} genes")
         _check_values(v)
-        m = None if modality is None else np.asarray(modality)
+        m = None if modality is None else np.asarray(modality if shared else modality[i])
+        if m is not None and m.shape != g.shape:
+            raise ValueError(f"cell {i}: {len(m)} modality ids for {len(g)} genes")
         keep = subsample(len(g), max_seq_len, rng)
         g, v = g[keep], v[keep]
         m = None if m is None else m[keep]
