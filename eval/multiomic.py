@@ -368,3 +368,39 @@ def run_multiomic(p, model, opts, outdir: Path) -> TaskResult:
     if data.name == SHIPPED_NAME:
         params["label_source"] = "protein-marker gating (see data/README.md); labels derive from the protein modality"
     return TaskResult("multiomic", data.name, table_df, params, arts)
+
+
+def register_multiomic(model_dir: str | Path, *, model_name: str, tracking_uri: str,
+                       run_id: str | None = None, tags: dict[str, str] | None = None) -> str:
+    """Log a :func:`scgpt_model.multiomic.save_multiomic` folder as an MLflow pyfunc model (the
+    same layout the trainer registers: artifact ``model_dir``) and register it; returns
+    ``models:/<name>/<version>``. ``load_registered_model`` / ``ScGPTModel.load`` read it back, with
+    its extended vocabulary and ``modalities.json``."""
+    import mlflow
+
+    from training.pyfunc_model import ScGPTPyfunc
+    from training.registry import ARTIFACT_KEY, pip_requirements
+
+    d = Path(model_dir)
+    if ModalityTable.load(d) is None:
+        raise EvalError(f"{d} has no modality table: save it with scgpt_model.multiomic.save_multiomic")
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_registry_uri(tracking_uri)
+    pkg_root = Path(__file__).resolve().parents[1]
+    mlflow.set_experiment("scgpt-multiomic")
+    import shutil
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="scgpt-register-") as tmp, \
+            mlflow.start_run(run_id=run_id, run_name=None if run_id else f"multiomic-model:{model_name}") as run:
+        src = Path(tmp) / ARTIFACT_KEY  # pyfunc stores a directory artifact under its own name
+        shutil.copytree(d, src)
+        mlflow.log_artifacts(str(src), artifact_path="pretrained")
+        info = mlflow.pyfunc.log_model(name="model", python_model=ScGPTPyfunc(), artifacts={ARTIFACT_KEY: str(src)},
+                                       pip_requirements=pip_requirements(),
+                                       code_paths=[str(pkg_root / "scgpt_model"), str(pkg_root / "training")])
+        rid = run.info.run_id
+    table = ModalityTable.load(d)
+    mv = mlflow.register_model(info.model_uri, model_name,
+                               tags={"modalities": ",".join(table.names), "source_run_id": rid, **(tags or {})})
+    return f"models:/{model_name}/{mv.version}"

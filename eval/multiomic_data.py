@@ -245,8 +245,12 @@ def load_h5ad(path: Path) -> MultiomicInput:
 def load_h5mu(path: Path) -> MultiomicInput:
     import mudata as md
 
+    import warnings
+
     try:
-        mdata = md.read_h5mu(path)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # mudata 0.3 warns about its future obs-pulling default
+            mdata = md.read_h5mu(path)
     except Exception as e:
         raise EvalError(f"could not read {path} as MuData ({type(e).__name__}: {e})") from e
     name = path.stem
