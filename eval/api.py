@@ -184,7 +184,7 @@ class ScGPTModel:
     def fine_tune(self, adata: ad.AnnData | PreparedData, task: Task = "annotation", *,
                   label_key: str | None = None, batch_key: str | None = None, n_hvg: int | None = None,
                   epochs: int = 30, batch_size: int = 32, seed: int = 0, from_scratch: bool = False,
-                  name: str = "adata") -> ScGPTModel:
+                  name: str = "adata", lr: float | None = None) -> ScGPTModel:
         """Fine-tune for ``task`` (paper §4.5, §4.8) and return the fine-tuned model.
 
         ``from_scratch=True`` trains the same architecture from random weights with the same
@@ -198,7 +198,7 @@ class ScGPTModel:
             raise EvalError("annotation fine-tuning needs cell-type labels; pass label_key")
         if task == "integration" and (data.batches is None or len(set(data.batches)) < 2):
             raise EvalError("integration fine-tuning needs a batch key with at least 2 batches")
-        ft = FineTuneConfig(task=task, epochs=epochs, batch_size=batch_size, seed=seed, device=self.device)
+        ft = FineTuneConfig(task=task, epochs=epochs, batch_size=batch_size, seed=seed, device=self.device, lr=lr)
         res = fine_tune(None if from_scratch else self.model, self.config, data, ft, name=name)
         return ScGPTModel(model=res.model, vocab=self.vocab, config=res.model.cfg,
                           info={**self.info, "fine_tuned": task, "random_init": from_scratch},

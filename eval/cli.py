@@ -44,6 +44,11 @@ def _parser(suite: bool) -> argparse.ArgumentParser:
                     "else sqlite:///./mlflow.db)")
     ap.add_argument("--epochs", type=int, default=30, help="fine-tuning epochs (paper: 30)")
     ap.add_argument("--batch-size", type=int, default=32, help="fine-tuning mini-batch (paper: 32)")
+    ap.add_argument("--lr", type=float, help="fine-tuning learning rate (default: the paper's 1e-4 at "
+                    "width 512, scaled with the model width: 1e-4 x (512/d_model)^1.2, at most 3e-3)")
+    ap.add_argument("--warmup", type=float, default=0.1,
+                    help="linear warm-up, as a fraction of all fine-tuning steps (default 0.1; 0 = none)")
+    ap.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (default 0.01; 0 = Adam)")
     ap.add_argument("--n-hvg", type=int, help="HVGs (default: paper's 3000 annotation, 1200 integration)")
     ap.add_argument("--max-cells", type=int, default=0, help="subsample cells (seeded); 0 = all")
     ap.add_argument("--seed", type=int, default=0)
@@ -79,13 +84,20 @@ def _main(args: argparse.Namespace, suite: bool) -> int:
     for name in ("epochs", "batch_size", "max_cells"):
         if getattr(args, name) < (1 if name != "max_cells" else 0):
             raise EvalError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.lr is not None and not args.lr > 0:
+        raise EvalError(f"--lr must be positive, got {args.lr}")
+    if not 0 <= args.warmup < 1:
+        raise EvalError(f"--warmup is a fraction of the steps in [0, 1), got {args.warmup}")
+    if args.weight_decay < 0:
+        raise EvalError(f"--weight-decay must be >= 0, got {args.weight_decay}")
     if args.n_hvg is not None and args.n_hvg < 1:
         raise EvalError(f"--n-hvg must be positive, got {args.n_hvg}")
     tracking_uri = resolve_tracking_uri(args.tracking_uri)  # the trainer's rule: flag, env, ./mlflow.db
     device = default_device(args.device)
     model = ScGPTModel.load(args.model, tracking_uri=tracking_uri, device=device)
     opts = tasks.EvalOptions(
-        epochs=args.epochs, batch_size=args.batch_size, n_hvg=args.n_hvg, max_cells=args.max_cells,
+        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, warmup_fraction=args.warmup,
+        weight_decay=args.weight_decay, n_hvg=args.n_hvg, max_cells=args.max_cells,
         seed=args.seed, random_init=not args.no_random_init, plots=not args.no_plots, device=device,
         label_key=None if suite else args.label_key, batch_key=None if suite else args.batch_key,
         query_batches=() if suite else tuple(args.query_batch), trunk=args.trunk)

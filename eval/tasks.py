@@ -36,6 +36,9 @@ MODEL, RANDOM = "scGPT", "scGPT random init"
 @dataclass(kw_only=True)
 class EvalOptions:
     epochs: int = 30  # §4.8 fine-tuning epochs
+    lr: float | None = None  # None: eval.finetune.default_lr (the paper's 1e-4 at width 512, scaled by width)
+    warmup_fraction: float = 0.1  # linear warm-up share of the optimizer steps
+    weight_decay: float = 0.01  # AdamW
     batch_size: int = 32  # §4.8
     n_hvg: int | None = None  # None: the task's paper default (3,000 annotation, 1,200 integration)
     max_cells: int = 0  # 0: all cells; >0 subsamples (seeded) for quick runs
@@ -145,7 +148,8 @@ def run_annotation(p: Plan, model: ScGPTModel, opts: EvalOptions, outdir: Path) 
     ref, qry = ref_all.take_genes(cols), p.data.subset(qry_i).take_genes(cols)
     y_q = qry.labels
     ft = FineTuneConfig(task="annotation", epochs=opts.epochs, batch_size=opts.batch_size, seed=opts.seed,
-                        device=opts.device)
+                        device=opts.device, lr=opts.lr, warmup_fraction=opts.warmup_fraction,
+                        weight_decay=opts.weight_decay)
     rows, hist, arts = {}, {}, []
     variants = [(MODEL, model.model)] + ([(RANDOM, None)] if opts.random_init else [])
     for label, init in variants:
@@ -190,7 +194,8 @@ def run_integration(p: Plan, model: ScGPTModel, opts: EvalOptions, outdir: Path)
     """GEP+GEPC+ECS+DAR+DSBN fine-tuning on all cells, scib scores of the embedding (§2.2)."""
     d = p.data
     ft = FineTuneConfig(task="integration", epochs=opts.epochs, batch_size=opts.batch_size, seed=opts.seed,
-                        device=opts.device)
+                        device=opts.device, lr=opts.lr, warmup_fraction=opts.warmup_fraction,
+                        weight_decay=opts.weight_decay)
     rows, arts, best = {}, [], {}
     variants = [(MODEL, model.model)] + ([(RANDOM, None)] if opts.random_init else [])
     for label, init in variants:

@@ -80,7 +80,7 @@ class ModelConfig:
     dsbn_affine: bool = False  # reference uses affine only with "do_affine"
     explicit_zero_prob: bool = False  # extra Bernoulli head for zero expression
     embedding_init_range: float = 0.1  # gene embedding ~ U(-0.1, 0.1), as the reference init
-    init_std: float = 0.02  # other Linear weights ~ N(0, 0.02) (GPT-2 style); biases zero
+    init_std: float | None = None  # None: torch's default Linear init, as the reference; a number: N(0, std), zero biases
     objectives: ObjectiveConfig = field(default_factory=ObjectiveConfig)
 
     def __post_init__(self) -> None:

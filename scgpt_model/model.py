@@ -74,20 +74,37 @@ class ScGPT(nn.Module):
 
     # ------------------------------------------------------------------------------------------
     def init_weights(self) -> None:
-        """Explicit init: Linear ~ N(0, init_std), biases 0; gene embedding ~ U(+-range) with a zero
-        <pad> row (reference); other embeddings ~ N(0, init_std); norms weight 1, bias 0."""
+        """Explicit init. Linear layers: torch's default (kaiming-uniform weights, bound 1/sqrt(fan_in),
+        uniform biases), as the reference, which never re-initialises them; ``init_std`` set to a
+        number gives GPT-2 style N(0, init_std) weights with zero biases instead. Gene embedding
+        ~ U(+-range) with a zero <pad> row (reference); other embeddings ~ N(0, 0.02); norms 1 / 0.
+
+        Why not N(0, 0.02) everywhere: on a narrow model it silences the network at init. At width
+        32 the attention and FFN branches then add ~1e-4 of the residual, so every cell's <cls>
+        state is the same vector to 3e-5 (measured: per-dim std across cells 1.6e-4 vs norm 5.7) and
+        the gradient reaching the trunk is ~1e-4: fine-tuning from random init sat at the class
+        prior. And with zero biases the value encoder relu(w1 x) -> LayerNorm maps every expressed
+        bin (1 and 50 alike) to one vector. BENCHMARKS.md, "Why fine-tuning learned nothing"."""
         cfg = self.cfg
         for m in self.modules():
             if isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, std=cfg.init_std)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+                if cfg.init_std is None:
+                    m.reset_parameters()
+                else:
+                    nn.init.normal_(m.weight, std=cfg.init_std)
+                    if m.bias is not None:
+                        nn.init.zeros_(m.bias)
             elif isinstance(m, nn.Embedding):
-                nn.init.normal_(m.weight, std=cfg.init_std)
+                nn.init.normal_(m.weight, std=cfg.init_std or 0.02)
             elif isinstance(m, (nn.LayerNorm, nn.BatchNorm1d)):
                 if m.weight is not None:
                     nn.init.ones_(m.weight)
                     nn.init.zeros_(m.bias)
+        if isinstance(self.value_encoder, ContinuousValueEncoder):
+            # always torch's default: with zero biases relu(w1 * x) is proportional to x for x > 0 and
+            # the LayerNorm after it is scale-invariant, so expression magnitude would be invisible
+            self.value_encoder.linear1.reset_parameters()
+            self.value_encoder.linear2.reset_parameters()
         emb = self.gene_encoder.embedding
         nn.init.uniform_(emb.weight, -cfg.embedding_init_range, cfg.embedding_init_range)
         with torch.no_grad():
