@@ -157,11 +157,11 @@ def stage_profile(store: Path, n_chunks: int = 4) -> dict[str, dict[str, float]]
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from ingest.manifest import sha256_file
     from ingest.shard_writer import write_shard
     from ingest.worker import READ_BUFFER_BYTES, _list_array, assemble
     from scgpt_model.binning import bin_nonzero
     from scgpt_model.schema import OBS_COLUMNS, SHARD_SCHEMA, SHARD_WRITE_OPTIONS
+    from shardset import sha256_file
 
     def clock() -> tuple[float, float]:
         t = os.times()

@@ -90,8 +90,8 @@ def _run(args: argparse.Namespace) -> int:
                            cells_per_shard=args.cells_per_shard, max_cells=args.max_cells, seed=args.seed,
                            val_fraction=args.val_fraction, ray_address=args.ray_address, num_cpus=args.num_cpus)
         m = run_ingest(cfg)
-        print(json.dumps({"out": args.out, "cells": m["totals"]["cells"], "shards": len(m["shards"]),
-                          "n_val": m["totals"]["n_val"], "manifest_hash": m["manifest_hash"]}))
+        print(json.dumps({"out": args.out, "cells": m.totals.cells, "shards": len(m.shards),
+                          "n_val": m.totals.n_val, "manifest_hash": m.hash()}))
     elif args.cmd == "build-census":
         from ingest.build_census import build_census, parse_set_values
 

@@ -21,7 +21,6 @@ from pathlib import Path
 import numpy as np
 
 from ingest.errors import IngestError
-from ingest.manifest import MANIFEST_FORMAT, load_manifest, sha256_file, write_manifest
 from ingest.query import (
     IngestConfig,
     build_filter,
@@ -34,8 +33,18 @@ from ingest.query import (
     var_table,
 )
 from ingest.worker import WORKER_ENV, process_chunk
-from scgpt_model.schema import MANIFEST_FILE, SHARD_SCHEMA, VOCAB_FILE
+from scgpt_model.schema import SHARD_SCHEMA
 from scgpt_model.vocab import GeneVocab, VocabError
+from shardset import (
+    MANIFEST_FILE,
+    VOCAB_FILE,
+    Manifest,
+    ManifestError,
+    ShardEntry,
+    Totals,
+    sha256_file,
+    split_uniform,
+)
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +85,6 @@ def _load_vocab(cfg: IngestConfig) -> GeneVocab | None:
 
 def sample_joinids(joinids: np.ndarray, max_cells: int, seed: int) -> np.ndarray:
     """A seeded sample of ``max_cells`` joinids (the same sample for the same query and seed)."""
-    from ingest.manifest import split_uniform
-
     score = split_uniform(joinids, seed + 7919)  # a different stream from the split itself
     return np.sort(joinids[np.argsort(score, kind="stable")[:max_cells]])
 
@@ -135,16 +142,18 @@ class OutputDir:
         self.created = not self.path.exists()
         self._lock_fd: int | None = None
 
-    def open(self, args: dict) -> dict[int, dict]:
+    def open(self, args: dict) -> dict[int, ShardEntry]:
         p = self.path
         if p.exists() and not p.is_dir():
             raise IngestError(f"--out {p} is a file; give a directory path")
         previous = None
         if (p / MANIFEST_FILE).exists():
-            previous = load_manifest(p)
-            if previous.get("args") != args:
-                diff = sorted(k for k in set(args) | set(previous.get("args", {}))
-                              if args.get(k) != previous.get("args", {}).get(k))
+            try:
+                previous = Manifest.load(p)
+            except ManifestError as e:
+                raise IngestError(f"--out {p}: {e}") from None
+            if previous.args != args:
+                diff = sorted(k for k in set(args) | set(previous.args) if args.get(k) != previous.args.get(k))
                 raise IngestError(f"--out {p} holds shards from other arguments (differs in: {', '.join(diff)}); "
                                   "re-run with the same arguments to resume, or choose a new --out (or delete it)")
         elif p.exists() and any(p.iterdir()):
@@ -156,13 +165,13 @@ class OutputDir:
         except BlockingIOError:
             raise IngestError(f"another `ingest census` is writing into --out {p}; wait for it or choose another --out")
         self.remove_temp_files()
-        done: dict[int, dict] = {}
-        for s in (previous or {}).get("shards", []):
-            f = p / s["path"]
-            if f.exists() and f.stat().st_size == s["n_bytes"] and sha256_file(f) == s["sha256"]:
-                done[int(s["index"])] = s
+        done: dict[int, ShardEntry] = {}
+        for s in previous.shards if previous else []:
+            f = p / s.path
+            if f.exists() and f.stat().st_size == s.n_bytes and sha256_file(f) == s.sha256:
+                done[s.index] = s
             else:
-                log.warning("shard %s is missing or does not match the manifest; it will be rewritten", s["path"])
+                log.warning("shard %s is missing or does not match the manifest; it will be rewritten", s.path)
         return done
 
     def remove_temp_files(self) -> None:
@@ -184,39 +193,17 @@ class OutputDir:
 DEBUG_KEYS = ("stages", "pid", "rss_mb", "t_start")
 
 
-def _manifest(p: Plan, cfg: IngestConfig, shards: dict[int, dict], complete: bool) -> dict:
+def _manifest(p: Plan, cfg: IngestConfig, shards: dict[int, ShardEntry], complete: bool) -> Manifest:
     entries = [shards[i] for i in sorted(shards)]
-    return {
-        "format": MANIFEST_FORMAT,
-        "project_version": project_version(),
-        "source": p.source,
-        "organism": cfg.organism,
-        "obs_filter": p.value_filter,
-        "vocab_hash": p.vocab.hash(),
-        "vocab_size": len(p.vocab),
-        "gene_key": p.vocab.key,
-        "n_bins": cfg.n_bins,
-        "seed": cfg.seed,
-        "val_fraction": cfg.val_fraction,
-        "split": "ingest.manifest.is_validation(soma_joinid, val_fraction, seed)",
-        "columns": SHARD_SCHEMA.names,
-        "args": p.args,
-        "n_shards_planned": int(-(-p.joinids.size // cfg.cells_per_shard)),
-        "complete": complete,
-        "totals": {
-            "cells_matched": p.n_matched,
-            "cells_planned": int(p.joinids.size),
-            "cells": sum(s["n_rows"] for s in entries),
-            "cells_dropped_min_genes": sum(s["n_dropped_min_genes"] for s in entries),
-            "nonzeros": sum(s["nnz"] for s in entries),
-            "n_train": sum(s["n_train"] for s in entries),
-            "n_val": sum(s["n_val"] for s in entries),
-            "genes_in_vocab": len(p.vocab.genes),
-            "genes_dropped": p.genes_dropped,
-            "genes_dropped_examples": p.genes_dropped_examples,
-        },
-        "shards": [{k: v for k, v in s.items() if k not in DEBUG_KEYS} for s in entries],
-    }
+    return Manifest(
+        project_version=project_version(), source=p.source, organism=cfg.organism, obs_filter=p.value_filter,
+        vocab_hash=p.vocab.hash(), vocab_size=len(p.vocab), gene_key=p.vocab.key, n_bins=cfg.n_bins, seed=cfg.seed,
+        val_fraction=cfg.val_fraction, columns=list(SHARD_SCHEMA.names), args=p.args,
+        n_shards_planned=int(-(-p.joinids.size // cfg.cells_per_shard)), complete=complete,
+        totals=Totals.of(entries, cells_matched=p.n_matched, cells_planned=int(p.joinids.size),
+                         genes_in_vocab=len(p.vocab.genes), genes_dropped=p.genes_dropped,
+                         genes_dropped_examples=p.genes_dropped_examples),
+        shards=entries)
 
 
 def _init_ray(cfg: IngestConfig) -> bool:
@@ -238,7 +225,7 @@ def _chunk_task(spec: dict, var_to_vocab: np.ndarray) -> dict:
     return process_chunk({**spec, "var_to_vocab": var_to_vocab})
 
 
-def run_ingest(cfg: IngestConfig) -> dict:
+def run_ingest(cfg: IngestConfig) -> Manifest:
     """Run (or resume) an ingest; returns the final manifest."""
     t_start = time.perf_counter()
     p = plan(cfg)
@@ -252,7 +239,8 @@ def run_ingest(cfg: IngestConfig) -> dict:
         p.vocab.save(out.path / VOCAB_FILE)
         chunks = [p.joinids[i:i + cfg.cells_per_shard] for i in range(0, p.joinids.size, cfg.cells_per_shard)]
         todo = [i for i in range(len(chunks)) if i not in shards]
-        manifest = write_manifest(out.path, _manifest(p, cfg, shards, complete=not todo))
+        manifest = _manifest(p, cfg, shards, complete=not todo)
+        manifest.write(out.path)
         n_skip = sum(len(chunks[i]) for i in shards)
         log.info("ingest: %d cells matched, %d to ingest in %d shards (%d already done, resuming) -> %s",
                  p.n_matched, p.joinids.size, len(chunks), len(shards), out.path)
@@ -262,7 +250,8 @@ def run_ingest(cfg: IngestConfig) -> dict:
             t_ray = time.perf_counter() - t0
             _run_chunks(cfg, p, out.path, chunks, todo, shards, n_skip)
             t_chunks = time.perf_counter() - t0 - t_ray
-        manifest = write_manifest(out.path, _manifest(p, cfg, shards, complete=True))
+        manifest = _manifest(p, cfg, shards, complete=True)
+        manifest_hash = manifest.write(out.path)
     except IngestError:
         usage_error = True  # bad input found by a worker (e.g. non-integer counts)
         raise
@@ -272,12 +261,12 @@ def run_ingest(cfg: IngestConfig) -> dict:
 
             ray.shutdown()  # kills workers still writing, before temp files are removed below
         out.close(discard=usage_error)
-    t = manifest["totals"]
+    t = manifest.totals
     dt = time.perf_counter() - t_start
     log.info("ingest done: %d cells in %d shards (%d train / %d val), %d nonzeros, %d cells below --min-genes, "
-             "%d store genes not in vocab; %.1fs (%.0f cells/s); manifest %s", t["cells"], len(manifest["shards"]),
-             t["n_train"], t["n_val"], t["nonzeros"], t["cells_dropped_min_genes"], t["genes_dropped"], dt,
-             t["cells"] / max(dt, 1e-9), manifest["manifest_hash"][:16])
+             "%d store genes not in vocab; %.1fs (%.0f cells/s); manifest %s", t.cells, len(manifest.shards),
+             t.n_train, t.n_val, t.nonzeros, t.cells_dropped_min_genes, t.genes_dropped, dt,
+             t.cells / max(dt, 1e-9), manifest_hash[:16])
     n_new = sum(len(chunks[i]) for i in todo)
     log.info("ingest timing: plan %.2fs, ray start %.2fs, chunks %.2fs (%.0f cells/s over %d new cells)", t_plan,
              t_ray, t_chunks, n_new / max(t_chunks, 1e-9), n_new)
@@ -316,7 +305,8 @@ def _run_chunks(cfg: IngestConfig, p: Plan, out: Path, chunks: list[np.ndarray],
                     if isinstance(cause, IngestError):
                         raise IngestError(str(cause)) from None
                     raise
-                shards[i] = res
+                shards[i] = ShardEntry.from_dict({k: v for k, v in res.items() if k not in DEBUG_KEYS},
+                                                 where=f"shard {i}")
                 if log.isEnabledFor(logging.DEBUG):
                     stages = res.get("stages", {})
                     log.debug("shard %d: %d cells, pid %s (RSS %.0f MB), started %.2fs into the chunk phase; "
@@ -325,7 +315,7 @@ def _run_chunks(cfg: IngestConfig, p: Plan, out: Path, chunks: list[np.ndarray],
                               " ".join(f"{k} {w:.2f}/{c:.2f}" for k, (w, c) in stages.items()),
                               sum(w for w, _ in stages.values()), sum(c for _, c in stages.values()))
                 done_cells += len(chunks[i])
-                write_manifest(out, _manifest(p, cfg, shards, complete=False))
+                _manifest(p, cfg, shards, complete=False).write(out)
                 now = time.perf_counter()
                 if now - last >= cfg.progress_every_s or not (pending or inflight):
                     rate = done_cells / max(now - t0, 1e-9)

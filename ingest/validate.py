@@ -17,7 +17,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ingest.errors import IngestError
-from ingest.manifest import is_validation, load_manifest, sha256_file
 from scgpt_model.schema import (
     BINS,
     COUNTS,
@@ -27,9 +26,9 @@ from scgpt_model.schema import (
     SHARD_SCHEMA,
     SOMA_JOINID,
     TOTAL_COUNTS,
-    VOCAB_FILE,
 )
 from scgpt_model.vocab import GeneVocab, VocabError
+from shardset import VOCAB_FILE, Manifest, ManifestError, ShardEntry, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -41,16 +40,16 @@ def _offsets_values(col: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
     return offsets - offsets[0], values
 
 
-def _check_shard(table: pa.Table, entry: dict, manifest: dict, n_vocab: int) -> list[str]:
+def _check_shard(table: pa.Table, entry: ShardEntry, manifest: Manifest, n_vocab: int) -> list[str]:
     errs: list[str] = []
-    name = entry["path"]
+    name = entry.path
     if table.schema.remove_metadata() != SHARD_SCHEMA.remove_metadata():
         return [f"{name}: schema differs from scgpt_model.schema.SHARD_SCHEMA"]
-    if table.num_rows != entry["n_rows"]:
-        errs.append(f"{name}: {table.num_rows} rows, manifest says {entry['n_rows']}")
+    if table.num_rows != entry.n_rows:
+        errs.append(f"{name}: {table.num_rows} rows, manifest says {entry.n_rows}")
     ids = table.column(SOMA_JOINID).to_numpy()
-    if ids.size and (ids.min() < entry["joinid_min"] or ids.max() > entry["joinid_max"]):
-        errs.append(f"{name}: soma_joinids outside [{entry['joinid_min']}, {entry['joinid_max']}]")
+    if ids.size and (ids.min() < entry.joinid_min or ids.max() > entry.joinid_max):
+        errs.append(f"{name}: soma_joinids outside [{entry.joinid_min}, {entry.joinid_max}]")
     if np.any(np.diff(ids) <= 0):
         errs.append(f"{name}: soma_joinids not strictly ascending")
     n_genes = table.column(N_GENES).to_numpy().astype(np.int64)
@@ -60,7 +59,7 @@ def _check_shard(table: pa.Table, entry: dict, manifest: dict, n_vocab: int) -> 
     if not (np.array_equal(off_g, off_c) and np.array_equal(off_g, off_b) and np.array_equal(np.diff(off_g), n_genes)):
         errs.append(f"{name}: genes/counts/bins lists are not aligned with each other and n_genes")
         return errs
-    if np.any(n_genes < max(int(manifest["args"].get("min_genes", 1)), 1)):
+    if np.any(n_genes < manifest.min_genes):
         errs.append(f"{name}: a cell has fewer genes than --min-genes")
     if genes.size:
         if genes.min() < N_SPECIAL or genes.max() >= n_vocab:
@@ -72,14 +71,14 @@ def _check_shard(table: pa.Table, entry: dict, manifest: dict, n_vocab: int) -> 
             errs.append(f"{name}: genes not strictly ascending within a cell")
         if not (np.all(np.isfinite(counts)) and counts.min() > 0 and np.all(counts == np.floor(counts))):
             errs.append(f"{name}: counts are not positive finite integers")
-        if bins.min() < 1 or bins.max() > manifest["n_bins"] - 1:
-            errs.append(f"{name}: bins outside 1..{manifest['n_bins'] - 1}")
+        if bins.min() < 1 or bins.max() > manifest.n_bins - 1:
+            errs.append(f"{name}: bins outside 1..{manifest.n_bins - 1}")
         sums = np.add.reduceat(counts.astype(np.float64), off_g[:-1][n_genes > 0]) if n_genes.any() else []
         tot = table.column(TOTAL_COUNTS).to_numpy()[n_genes > 0]
         if not np.allclose(sums, tot, rtol=1e-6):
             errs.append(f"{name}: total_counts differ from the sum of counts")
-    val = is_validation(ids, manifest["val_fraction"], manifest["seed"])
-    if int(val.sum()) != entry["n_val"] or int((~val).sum()) != entry["n_train"]:
+    val = manifest.split_of(ids)
+    if int(val.sum()) != entry.n_val or int((~val).sum()) != entry.n_train:
         errs.append(f"{name}: train/val counts differ from the manifest")
     return errs
 
@@ -87,45 +86,48 @@ def _check_shard(table: pa.Table, entry: dict, manifest: dict, n_vocab: int) -> 
 def validate_shards(path: str | Path, *, check_checksums: bool = True) -> dict:
     """Re-check the shard set at ``path``; returns a report, raises IngestError listing every problem."""
     path = Path(path)
-    manifest = load_manifest(path)
+    try:
+        manifest = Manifest.load(path)
+    except ManifestError as e:
+        raise IngestError(str(e)) from None
     errs: list[str] = []
     try:
         vocab = GeneVocab.load(path / VOCAB_FILE)
     except VocabError as e:
         raise IngestError(f"{path}: {e}") from e
-    if vocab.hash() != manifest["vocab_hash"]:
-        errs.append(f"{VOCAB_FILE} hash {vocab.hash()[:12]} differs from the manifest's {manifest['vocab_hash'][:12]}")
-    if not manifest.get("complete"):
+    if vocab.hash() != manifest.vocab_hash:
+        errs.append(f"{VOCAB_FILE} hash {vocab.hash()[:12]} differs from the manifest's {manifest.vocab_hash[:12]}")
+    if not manifest.complete:
         errs.append("the manifest is not complete (an ingest was interrupted): re-run the same `ingest census` "
                     "command to finish it")
-    if len(manifest["shards"]) != manifest["n_shards_planned"]:
-        errs.append(f"{len(manifest['shards'])} shards listed, {manifest['n_shards_planned']} planned")
+    if len(manifest.shards) != manifest.n_shards_planned:
+        errs.append(f"{len(manifest.shards)} shards listed, {manifest.n_shards_planned} planned")
     seen_max = -1
     n_cells = n_nnz = 0
-    for entry in manifest["shards"]:
-        f = path / entry["path"]
+    for entry in manifest.shards:
+        f = path / entry.path
         if not f.exists():
-            errs.append(f"{entry['path']}: missing")
+            errs.append(f"{entry.path}: missing")
             continue
-        if f.stat().st_size != entry["n_bytes"]:
-            errs.append(f"{entry['path']}: {f.stat().st_size} bytes, manifest says {entry['n_bytes']}")
+        if f.stat().st_size != entry.n_bytes:
+            errs.append(f"{entry.path}: {f.stat().st_size} bytes, manifest says {entry.n_bytes}")
             continue
-        if check_checksums and sha256_file(f) != entry["sha256"]:
-            errs.append(f"{entry['path']}: sha256 differs from the manifest (file changed after ingest)")
+        if check_checksums and sha256_file(f) != entry.sha256:
+            errs.append(f"{entry.path}: sha256 differs from the manifest (file changed after ingest)")
             continue
-        if entry["joinid_min"] <= seen_max:
-            errs.append(f"{entry['path']}: joinid range overlaps the previous shard")
-        seen_max = entry["joinid_max"]
+        if entry.joinid_min <= seen_max:
+            errs.append(f"{entry.path}: joinid range overlaps the previous shard")
+        seen_max = entry.joinid_max
         table = pq.read_table(f)
         errs += _check_shard(table, entry, manifest, len(vocab))
         n_cells += table.num_rows
         n_nnz += int(table.column(N_GENES).to_numpy().sum())
-    if n_cells != manifest["totals"]["cells"]:
-        errs.append(f"{n_cells} cells in the shards, totals say {manifest['totals']['cells']}")
+    if n_cells != manifest.totals.cells:
+        errs.append(f"{n_cells} cells in the shards, totals say {manifest.totals.cells}")
     if errs:
         raise IngestError(f"shard set {path} failed validation:\n  - " + "\n  - ".join(errs))
-    report = {"path": str(path), "ok": True, "n_shards": len(manifest["shards"]), "n_cells": n_cells,
-              "n_nonzeros": n_nnz, "n_val": manifest["totals"]["n_val"], "manifest_hash": manifest["manifest_hash"],
+    report = {"path": str(path), "ok": True, "n_shards": len(manifest.shards), "n_cells": n_cells,
+              "n_nonzeros": n_nnz, "n_val": manifest.totals.n_val, "manifest_hash": manifest.hash(),
               "vocab_size": len(vocab)}
     log.info("validate: %s ok: %d shards, %d cells, %d nonzeros", path, report["n_shards"], n_cells, n_nnz)
     return report

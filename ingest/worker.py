@@ -18,7 +18,6 @@ import pyarrow as pa
 
 from ingest.csr import BadCounts, RowAssembler, Scratch, row_sums
 from ingest.errors import IngestError
-from ingest.manifest import is_validation, sha256_file
 from ingest.shard_writer import write_shard
 from scgpt_model.binning import bin_nonzero
 from scgpt_model.schema import (
@@ -31,6 +30,7 @@ from scgpt_model.schema import (
     SOMA_JOINID,
     TOTAL_COUNTS,
 )
+from shardset import is_validation, sha256_file, shard_name
 
 log = logging.getLogger(__name__)
 
@@ -52,10 +52,6 @@ WORKER_ENV = {"MALLOC_TRIM_THRESHOLD_": str(256 << 20), "MALLOC_TOP_PAD_": str(6
 
 # This process's reused work arrays (X genes/counts, bins): one set per Ray worker process.
 _SCRATCH = Scratch()
-
-
-def shard_name(index: int) -> str:
-    return f"shards/part-{index:05d}.parquet"
 
 
 def assemble(tables: Iterable[pa.Table], joinids: np.ndarray, var_to_vocab: np.ndarray, *,

@@ -64,8 +64,6 @@ SHARD_WRITE_OPTIONS: dict = {
     "column_encoding": {f"{c}.list.element": "BYTE_STREAM_SPLIT" for c in (GENES, COUNTS, BINS)},
     "write_statistics": [SOMA_JOINID, N_GENES, TOTAL_COUNTS],
 }
-MANIFEST_FILE = "manifest.json"
-VOCAB_FILE = "vocab.json"
 
 # Train/validation split is a deterministic function of soma_joinid (paper §4.8: 97% / 3%).
 DEFAULT_VAL_FRACTION = 0.03

@@ -18,10 +18,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from ingest.errors import IngestError
-from ingest.manifest import is_validation, load_manifest
 from ingest.validate import validate_shards
 from scgpt_model.schema import BINS, COUNTS, GENES, OBS_COLUMNS, SOMA_JOINID, TOTAL_COUNTS
 from scgpt_model.vocab import GeneVocab
+from shardset import MANIFEST_FILE, Manifest, is_validation
 from tests.fixtures.ingest import DEMO_SHARD_ARGS, REPO, ingest_env, run_ingest_cli
 from tests.test_binning import reference_bins
 
@@ -29,8 +29,8 @@ BLOOD_PRIMARY = "tissue_general == 'blood' and is_primary_data == True"
 
 
 def _read_shards(path: Path):
-    m = load_manifest(path)
-    tables = [pq.read_table(path / s["path"]) for s in m["shards"]]
+    m = Manifest.load(path)
+    tables = [pq.read_table(path / s.path) for s in m.shards]
     import pyarrow as pa
 
     return m, pa.concat_tables(tables)
@@ -75,8 +75,8 @@ def test_blood_shards_equal_the_source(demo_census, demo_shards):
     # every filtered cell exactly once, no other cell
     assert len(ids) == len(set(ids)) == len(src_ids)
     assert set(ids.tolist()) == set(src_ids.tolist())
-    assert m["totals"]["cells"] == 4200 and len(m["shards"]) == 5 and m["complete"]
-    assert "is_primary_data == True" in m["obs_filter"] and "tissue_general in ['blood']" in m["obs_filter"]
+    assert m.totals.cells == 4200 and len(m.shards) == 5 and m.complete
+    assert "is_primary_data == True" in m.obs_filter and "tissue_general in ['blood']" in m.obs_filter
     # gene ids of the store's var in vocabulary id space
     var_vocab = vocab.encode(ad.var.feature_id.tolist())
     assert (var_vocab >= 0).all()
@@ -92,13 +92,13 @@ def test_blood_shards_equal_the_source(demo_census, demo_shards):
         np.testing.assert_array_equal(np.asarray(genes[k]), src_genes[order])
         np.testing.assert_array_equal(np.asarray(counts[k], dtype=np.float32), X.data[lo:hi][order])
         np.testing.assert_array_equal(np.asarray(bins[k]), reference_bins(np.asarray(counts[k]), int(j),
-                                                                          n_bins=m["n_bins"], seed=m["seed"]))
+                                                                          n_bins=m.n_bins, seed=m.seed))
         assert totals[k] == pytest.approx(X.data[lo:hi].sum())
         for c in OBS_COLUMNS:
             assert obs_cols[c][k] == str(ad.obs[c].iloc[r]), c
     # the split is the manifest's deterministic function of soma_joinid
-    val = is_validation(ids, m["val_fraction"], m["seed"])
-    assert val.sum() == m["totals"]["n_val"] and 0 < val.sum() < 0.1 * len(ids)
+    val = is_validation(ids, m.val_fraction, m.seed)
+    assert val.sum() == m.totals.n_val and 0 < val.sum() < 0.1 * len(ids)
     assert validate_shards(demo_shards)["n_cells"] == 4200
 
 
@@ -131,18 +131,17 @@ def test_resume_after_sigkill_gives_identical_shards(demo_census, demo_shards, t
             os.killpg(proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-    killed = json.loads((out / "manifest.json").read_text())
-    assert not killed["complete"] and len(killed["shards"]) < 5
+    killed = Manifest.load(out)
+    assert not killed.complete and len(killed.shards) < 5
     with pytest.raises(IngestError, match="not complete"):
         validate_shards(out)
     for f in (out / "shards").glob("part-*.parquet"):  # what is visible is complete
         pq.read_table(f)
 
     run_ingest_cli("census", "--census-uri", str(demo_census), *DEMO_SHARD_ARGS, "--out", str(out))
-    resumed, reference = load_manifest(out), load_manifest(demo_shards)
-    assert resumed["manifest_hash"] == reference["manifest_hash"]
-    assert [(s["path"], s["sha256"]) for s in resumed["shards"]] == [(s["path"], s["sha256"])
-                                                                     for s in reference["shards"]]
+    resumed, reference = Manifest.load(out), Manifest.load(demo_shards)
+    assert resumed.hash() == reference.hash()
+    assert [(s.path, s.sha256) for s in resumed.shards] == [(s.path, s.sha256) for s in reference.shards]
     assert sorted(p.name for p in (out / "shards").iterdir()) == [f"part-{i:05d}.parquet" for i in range(5)]
     validate_shards(out)
 
@@ -156,9 +155,9 @@ def test_validate_catches_tampering(demo_shards, tmp_path):
     shard.write_bytes(bytes(data))
     with pytest.raises(IngestError, match="sha256"):
         validate_shards(out)
-    m = json.loads((out / "manifest.json").read_text())
-    m["n_bins"] = 21
-    (out / "manifest.json").write_text(json.dumps(m))
+    m = json.loads((out / MANIFEST_FILE).read_text())
+    m["n_bins"] = 21  # an edit by hand: the raw JSON on purpose
+    (out / MANIFEST_FILE).write_text(json.dumps(m))
     with pytest.raises(IngestError, match="manifest_hash"):
         validate_shards(out)
     proc = run_ingest_cli("validate", str(out), check=False)
@@ -173,8 +172,8 @@ def test_max_cells_sample_and_other_options(demo_census, tmp_path):
                    "--cells-per-shard", "400", "--val-fraction", "0.1", "--seed", "3", "--num-cpus", "2",
                    "--out", str(out))
     m, table = _read_shards(out)
-    assert m["totals"]["cells_matched"] == 2700 + 362 + 300 and m["totals"]["cells"] == 700
-    assert len(m["shards"]) == 2 and m["gene_key"] == "feature_name"
+    assert m.totals.cells_matched == 2700 + 362 + 300 and m.totals.cells == 700
+    assert len(m.shards) == 2 and m.gene_key == "feature_name"
     assert set(table.column("assay").to_pylist()) == {"10x 3' v1"}
     assert max(max(b) for b in table.column(BINS).to_pylist()) == 20
     vocab = GeneVocab.load(out / "vocab.json")

@@ -10,10 +10,10 @@ import threading
 
 import pytest
 
-from ingest.manifest import load_manifest
 from ingest.query import IngestConfig
 from ingest.run import run_ingest
 from ingest.validate import validate_shards
+from shardset import Manifest
 
 
 @pytest.fixture
@@ -54,9 +54,9 @@ def test_census_version_is_resolved_and_pinned(release_directory, tmp_path):
     out = tmp_path / "shards"
     manifest = run_ingest(IngestConfig(out=str(out), census_version="stable", tissues=("blood",), max_cells=300,
                                        cells_per_shard=150, num_cpus=1))
-    src = manifest["source"]
+    src = manifest.source
     assert src["kind"] == "census" and src["census_version"] == "stable" and src["release_build"] == "2099-01-01"
     assert src["uri"].rstrip("/").endswith(release_directory.name) and src["s3_region"] is None
-    assert manifest["totals"]["cells"] == 300 and len(manifest["shards"]) == 2
-    assert load_manifest(out)["source"] == src
+    assert manifest.totals.cells == 300 and len(manifest.shards) == 2
+    assert Manifest.load(out).source == src
     assert validate_shards(out)["ok"]

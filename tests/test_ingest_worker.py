@@ -11,13 +11,13 @@ import pytest
 import scipy.sparse as sp
 
 from ingest.csr import Scratch, row_sums
-from ingest.manifest import is_validation
 from ingest.query import IngestConfig
 from ingest.run import plan, sample_joinids
 from ingest.store_writer import CensusStoreWriter, DatasetInfo
 from ingest.worker import assemble, process_chunk
 from scgpt_model.binning import bin_nonzero
 from scgpt_model.vocab import GeneVocab
+from shardset import is_validation
 
 
 def _store(path, X, names):

@@ -28,14 +28,14 @@ def synthetic_index(n: int, n_shards: int, seed: int = 0) -> D.CellIndex:
 
 
 def test_split_follows_the_manifest_function(tiny_shards, index):
-    from ingest.manifest import is_validation, load_manifest
+    from shardset import Manifest
 
     train, val = index
-    m = load_manifest(tiny_shards)
-    assert len(train) + len(val) == m["totals"]["cells"]
-    assert not is_validation(train.joinid, m["val_fraction"], m["seed"]).any()
-    assert is_validation(val.joinid, m["val_fraction"], m["seed"]).all()
-    assert len(val) == sum(s["n_val"] for s in m["shards"])
+    m = Manifest.load(tiny_shards)
+    assert len(train) + len(val) == m.totals.cells
+    assert not m.split_of(train.joinid).any()
+    assert m.split_of(val.joinid).all()
+    assert len(val) == sum(s.n_val for s in m.shards) == m.totals.n_val
 
 
 @pytest.mark.parametrize("world", [1, 2, 3])

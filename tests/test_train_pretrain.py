@@ -51,16 +51,16 @@ def test_loss_goes_down(mlflow_run, pretrain_run):
 
 
 def test_mlflow_run_holds_config_metrics_and_lineage(mlflow_run, pretrain_run):
-    from ingest.manifest import load_manifest
+    from shardset import Manifest
 
     c, run = mlflow_run
     assert run.info.status == "FINISHED"
     p, tags = run.data.params, run.data.tags
     assert p["deepspeed.zero_stage"] == "2" and p["data.batch_size"] == "16" and p["cluster.num_workers"] == "2"
     assert p["model.preset"] == "debug" and p["model_config.d_model"] == "32"
-    manifest = load_manifest(pretrain_run.shards)
-    assert tags["manifest_hash"] == manifest["manifest_hash"]
-    assert json.loads(tags["census_source"]) == manifest["source"]
+    manifest = Manifest.load(pretrain_run.shards)
+    assert tags["manifest_hash"] == manifest.hash()
+    assert json.loads(tags["census_source"]) == manifest.source
     assert len(tags["git_commit"].split("+")[0]) == 40
     arts = {a.path for a in c.list_artifacts(run.info.run_id)}
     assert {"config.json", "manifest.json", "deepspeed_config.json", "pretrained"} <= arts

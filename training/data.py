@@ -4,7 +4,7 @@ Design (decided here, see SPEC §5):
 
 * **Index.** Only two small columns of every shard are read up front (``soma_joinid``,
   ``n_genes``): ~12 bytes per cell, so 10M cells cost ~120 MB once per worker. Cells are split
-  into train / validation with ``ingest.manifest.is_validation``, the manifest's own function.
+  into train / validation with ``shardset.Manifest.split_of``, the shard set's own rule.
 * **Global block shuffle.** For epoch ``e`` the shard order is a permutation seeded by
   ``(seed, e)``; consecutive groups of ``shuffle_shards`` shards form blocks whose cells are
   permuted together (seeded by ``(seed, e, block)``); the concatenation is the epoch's global
@@ -41,6 +41,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from scgpt_model.schema import BINS, GENES, N_GENES, SOMA_JOINID
+from shardset import Manifest
 from training.errors import TrainUsageError
 
 log = logging.getLogger(__name__)
@@ -63,21 +64,13 @@ class CellIndex:
         return CellIndex(self.shard_paths, self.shard[sel], self.row[sel], self.joinid[sel], self.length[sel])
 
 
-def read_manifest(shards_dir: str | Path) -> dict:
-    from ingest.manifest import load_manifest
-
-    return load_manifest(Path(shards_dir))
-
-
-def build_index(shards_dir: str | Path, manifest: dict | None = None) -> tuple[CellIndex, CellIndex]:
-    """(train, validation) indexes of a shard set, split by the manifest's own function."""
-    from ingest.manifest import is_validation
-
+def build_index(shards_dir: str | Path, manifest: Manifest | None = None) -> tuple[CellIndex, CellIndex]:
+    """(train, validation) indexes of a shard set, split by the manifest's own rule."""
     shards_dir = Path(shards_dir)
-    manifest = manifest if manifest is not None else read_manifest(shards_dir)
+    manifest = manifest if manifest is not None else Manifest.load(shards_dir)
     paths, parts = [], []
-    for i, entry in enumerate(manifest["shards"]):
-        p = shards_dir / entry["path"]
+    for i, entry in enumerate(manifest.shards):
+        p = shards_dir / entry.path
         t = pq.read_table(p, columns=[SOMA_JOINID, N_GENES])
         jid = t.column(SOMA_JOINID).to_numpy().astype(np.int64)
         ng = t.column(N_GENES).to_numpy().astype(np.int32)
@@ -86,7 +79,7 @@ def build_index(shards_dir: str | Path, manifest: dict | None = None) -> tuple[C
     if not parts:
         raise TrainUsageError(f"shard set {shards_dir} lists no shards; re-run `ingest census` into it")
     shard, row, jid, ng = (np.concatenate(x) for x in zip(*parts))
-    val = is_validation(jid, float(manifest["val_fraction"]), int(manifest["seed"]))
+    val = manifest.split_of(jid)
     full = CellIndex(paths, shard, row, jid, ng)
     return full.take(np.flatnonzero(~val)), full.take(np.flatnonzero(val))
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from shardset import MANIFEST_FILE, VOCAB_FILE, Manifest, ManifestError
 from training import data as D
 from training import tracking
 from training.config import TrainConfig, validate
@@ -37,7 +38,7 @@ class PretrainResult:
 # ---------------------------------------------------------------------------------------------
 # input checks
 # ---------------------------------------------------------------------------------------------
-def check_shards(path: str) -> tuple[dict, Any]:
+def check_shards(path: str) -> tuple[Manifest, Any]:
     """(manifest, vocab) of a validated shard set, or TrainUsageError naming the fix."""
     from ingest.errors import IngestError
     from scgpt_model.vocab import GeneVocab, VocabError
@@ -45,19 +46,19 @@ def check_shards(path: str) -> tuple[dict, Any]:
     if not path:
         raise TrainUsageError("no shard set given: pass --shards <folder written by `ingest census`>")
     p = Path(path)
-    if not (p / "manifest.json").exists():
+    if not (p / MANIFEST_FILE).exists():
         raise TrainUsageError(f"--shards {path}: no manifest.json there; point it at the --out folder of "
                               "`ingest census` (it holds manifest.json, vocab.json and shards/)")
     try:
         from ingest.validate import validate_shards
 
         validate_shards(p)
-        manifest = D.read_manifest(p)
-        vocab = GeneVocab.load(p / "vocab.json")
-    except (IngestError, VocabError) as e:
+        manifest = Manifest.load(p)
+        vocab = GeneVocab.load(p / VOCAB_FILE)
+    except (IngestError, ManifestError, VocabError) as e:
         raise TrainUsageError(f"--shards {path} failed validation: {e}. Re-run `ingest census` into a fresh "
                               "--out folder (or `ingest validate` to see every problem)") from e
-    if manifest.get("vocab_hash") and manifest["vocab_hash"] != vocab.hash():
+    if manifest.vocab_hash != vocab.hash():
         raise TrainUsageError(f"--shards {path}: vocab.json does not match the manifest's vocab_hash; "
                               "the shard set was modified after ingest — re-ingest it")
     return manifest, vocab
@@ -153,6 +154,7 @@ def run_pretrain(cfg: TrainConfig, *, resume: str | None = None) -> PretrainResu
 
     validate(cfg)
     manifest, vocab = check_shards(cfg.data.shards)
+    manifest_hash = manifest.hash()
     mcfg = model_config(cfg, len(vocab))
     uri = tracking.resolve_tracking_uri(cfg.tracking.tracking_uri)
     tracking.check_tracking_uri(uri)
@@ -198,14 +200,13 @@ def run_pretrain(cfg: TrainConfig, *, resume: str | None = None) -> PretrainResu
     started = _start_ray(cfg)
     try:
         check_resources(cfg)
-        source = manifest.get("source", {})
         if run_id is None:
             params = {**cfg.flat(), **{f"model_config.{k}": v for k, v in mcfg.to_dict().items()},
                       "data.n_train_cells": n_train, "data.steps_per_epoch": steps_per_epoch,
                       "data.total_steps": total_steps}
-            tags = {"manifest_hash": manifest.get("manifest_hash", ""), "census_source": json.dumps(source),
-                    "census_version": str(source.get("census_version", source.get("version", ""))),
-                    "obs_filter": str(manifest.get("obs_filter", "")), "vocab_hash": vocab.hash(),
+            tags = {"manifest_hash": manifest_hash, "census_source": json.dumps(manifest.source),
+                    "census_version": manifest.census_version,
+                    "obs_filter": manifest.obs_filter, "vocab_hash": vocab.hash(),
                     "git_commit": tracking.git_commit(), "shards_path": str(Path(cfg.data.shards).resolve()),
                     "ray_run_name": cfg.cluster.run_name, "mlflow.runName": cfg.cluster.run_name}
             from training.parallelize import deepspeed_config
@@ -213,7 +214,7 @@ def run_pretrain(cfg: TrainConfig, *, resume: str | None = None) -> PretrainResu
             run_id = tracking.start_run(
                 uri, cfg.tracking.experiment, cfg.cluster.run_name, params=params, tags=tags,
                 artifacts={"config.json": cfg.to_dict(), "model_config.json": mcfg.to_dict(),
-                           "manifest.json": manifest,
+                           MANIFEST_FILE: manifest.to_json(),
                            "deepspeed_config.json": deepspeed_config(cfg, on_gpu=cfg.cluster.use_gpu)})
         else:
             tracking.reopen_run(uri, run_id)
@@ -223,7 +224,7 @@ def run_pretrain(cfg: TrainConfig, *, resume: str | None = None) -> PretrainResu
         result = _fit(cfg, mcfg, storage, {
             "train": cfg.to_dict(), "model_config": mcfg.to_dict(), "total_steps": total_steps,
             "resume_path": resume_path, "mlflow_run_id": run_id, "tracking_uri": uri,
-            "vocab_hash": vocab.hash(), "manifest_hash": manifest.get("manifest_hash", ""),
+            "vocab_hash": vocab.hash(), "manifest_hash": manifest_hash,
             "world_size": world, "audit_dir": str(storage / cfg.cluster.run_name)})
         try:
             ckpt_path, final = _final_checkpoint(result)
@@ -233,8 +234,8 @@ def run_pretrain(cfg: TrainConfig, *, resume: str | None = None) -> PretrainResu
 
                 model_uri = export_and_register(
                     ckpt_path, mcfg, vocab, tracking_uri=uri, run_id=run_id, model_name=cfg.tracking.model_name,
-                    tags={"run_id": run_id, "manifest_hash": manifest.get("manifest_hash", ""),
-                          "census_source": json.dumps(source), "vocab_hash": vocab.hash(),
+                    tags={"run_id": run_id, "manifest_hash": manifest_hash,
+                          "census_source": json.dumps(manifest.source), "vocab_hash": vocab.hash(),
                           "steps": str(final.get("step", ""))})
         except BaseException:
             tracking.end_run(uri, run_id, "FAILED")
