@@ -294,12 +294,7 @@ def baseline_rows(data: MultiomicData, seed: int, resolutions) -> tuple[dict[str
             baselines.harmony_embedding(pcs_joint, bat, seed=seed)
     for k, e in embs.items():
         rows[k] = metrics.integration_scores(e, lab, bat, seed=seed, resolutions=resolutions)
-    try:
-        conn, dist, coords = _wnn(pcs_rna, other, data, seed)
-    except Exception as e:  # noqa: BLE001 - pynndescent's numba kernels fail to compile in some processes
-        # (seen in the full test suite: numba TypingError in get_num_threads); the row is left out, loudly
-        log.warning("WNN baseline skipped: muon/pynndescent failed (%s: %s)", type(e).__name__, str(e)[:200])
-        return rows, embs
+    conn, dist, coords = _wnn(pcs_rna, other, data, seed)
     rows["WNN (muon)"] = graph_scores(conn, dist, coords, lab, bat, resolutions=resolutions)
     embs["WNN (muon)"] = coords
     return rows, embs

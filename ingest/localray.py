@@ -24,6 +24,10 @@ LOCAL_ENV = {
     "RAY_AUTH_MODE": "disabled",
     "RAY_USAGE_STATS_ENABLED": "0",
     "MASTER_ADDR": LOOPBACK,
+    # Off: the driver's tqdm_ray bar manager otherwise replaces builtins.print for the rest of the
+    # process, and numba cannot compile a kernel that reaches `print` (numba.get_num_threads does),
+    # so pynndescent / umap / scanpy neighbours failed in any process that had run a Ray job.
+    "RAY_TQDM_PATCH_PRINT": "0",
 }
 
 
