@@ -18,6 +18,9 @@ import torch.multiprocessing as mp
 
 STAGES = (1, 2, 3)
 STEPS = 3
+# The stage-agreement tolerance (1e-5) is about reduction order, not init: the small GPT-2 style init
+# keeps weights (and so float rounding) at the scale this tolerance was set for.
+INIT_STD = 0.02
 
 
 def _free_port() -> int:
@@ -50,7 +53,7 @@ def _worker(rank: int, world: int, port: int, shards: str, out_dir: str) -> None
         cfg.data.batch_size = 8
         cfg.optim.grad_accum = 2  # 2 micro-batches per optimizer step: checks accumulation too
         cfg.optim.lr = 1e-2
-        mcfg = get_preset("debug", vocab_size)
+        mcfg = get_preset("debug", vocab_size, init_std=INIT_STD)
         torch.manual_seed(0)
         engine = build_engine(ScGPT(mcfg), cfg, total_steps=STEPS, on_gpu=False)
         plan = D.rank_plan(train, seed=0, epoch=0, rank=rank, world=world, batch_size=8, grad_accum=2)
@@ -91,10 +94,10 @@ def test_zero_stages_agree(tiny_shards, tmp_path):
 
     vocab_size = len(json.loads((tiny_shards / "vocab.json").read_text())["tokens"])
     torch.manual_seed(0)
-    init = ScGPT(get_preset("debug", vocab_size)).state_dict()
+    init = ScGPT(get_preset("debug", vocab_size, init_std=INIT_STD)).state_dict()
     moved = 0
     for k in w[1]:
-        torch.testing.assert_close(w[2][k], w[1][k], rtol=1e-3, atol=1e-4)  # torch-default init: weights up to ~1
-        torch.testing.assert_close(w[3][k], w[1][k], rtol=1e-3, atol=1e-4)
+        torch.testing.assert_close(w[2][k], w[1][k], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(w[3][k], w[1][k], rtol=1e-4, atol=1e-5)
         moved += int(not torch.equal(w[1][k], init[k]))
     assert moved > len(w[1]) // 2  # most tensors changed: the comparison is not of untouched weights
