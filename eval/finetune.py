@@ -151,7 +151,6 @@ def fine_tune(pretrained: ScGPT | None, base_cfg: ModelConfig, data: PreparedDat
     total = steps_per_epoch * ft.epochs
     warmup = max(1, int(round(ft.warmup_fraction * total))) if ft.warmup_fraction > 0 else 0
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=ft.weight_decay)
-    step = 0
 
     def lr_factor(s: int) -> float:  # warm-up per step, then the paper's per-epoch decay
         return min(1.0, (s + 1) / warmup if warmup else 1.0) * ft.lr_decay ** (s // steps_per_epoch)
@@ -178,10 +177,9 @@ def fine_tune(pretrained: ScGPT | None, base_cfg: ModelConfig, data: PreparedDat
             torch.nn.utils.clip_grad_norm_(model.parameters(), ft.grad_clip)
             opt.step()
             sched.step()
-            step += 1
             tot += float(loss.detach()) * idx.size
             n += idx.size
-            if step == 3 and total > 3:  # a measured, not guessed, estimate of the whole fine-tune
+            if sched.last_epoch == 3 and total > 3:  # last_epoch counts the scheduler's steps  # a measured, not guessed, estimate of the whole fine-tune
                 est = (time.perf_counter() - t_start) / 3 * total * (1 + ft.val_fraction)
                 msg = (f"fine-tune {name} {ft.task}: estimated {_fmt_s(est)} on {ft.device} "
                        f"({ft.epochs} epochs x {steps_per_epoch} steps, {data.n_genes} genes per cell)")
