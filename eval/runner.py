@@ -12,6 +12,7 @@ from pathlib import Path
 
 from eval import tasks
 from eval.api import ScGPTModel
+from eval.leakage import warn_if_pretrained_on
 from eval.report import TaskResult
 from eval.tracking import eval_run, log_result
 
@@ -19,7 +20,7 @@ log = logging.getLogger(__name__)
 
 
 def _run_logged(p: tasks.Plan, model: ScGPTModel, opts: tasks.EvalOptions, tracking_uri: str,
-                out: Path | None, nested: bool) -> TaskResult:
+                out: Path | None, nested: bool, seen: list[str]) -> TaskResult:
     import mlflow
 
     with tempfile.TemporaryDirectory(prefix="scgpt-eval-") as tmp:
@@ -28,6 +29,8 @@ def _run_logged(p: tasks.Plan, model: ScGPTModel, opts: tasks.EvalOptions, track
                       extra_tags={"eval_task": p.task, "eval_dataset": p.dataset}) as run_id:
             try:
                 res = tasks.run(p, model, opts, outdir)
+                if seen:
+                    res.params["pretrained_on_eval_data"] = ", ".join(seen)
                 log_result(res, outdir, model.info, tracking_uri)
             except BaseException:
                 mlflow.end_run(status="FAILED")
@@ -41,7 +44,8 @@ def evaluate(model: ScGPTModel, task: str, dataset: str, opts: tasks.EvalOptions
              out: Path | None = None) -> TaskResult:
     """One task on one dataset, logged as one MLflow run."""
     p = tasks.plan(task, model, dataset, opts)
-    return _run_logged(p, model, opts, tracking_uri, out, nested=False)
+    seen = warn_if_pretrained_on(model.info, task, dataset)
+    return _run_logged(p, model, opts, tracking_uri, out, nested=False, seen=seen)
 
 
 def evaluate_suite(model: ScGPTModel, opts: tasks.EvalOptions, *, tracking_uri: str, out: Path | None = None,
@@ -52,12 +56,13 @@ def evaluate_suite(model: ScGPTModel, opts: tasks.EvalOptions, *, tracking_uri: 
     import mlflow
 
     plans = [tasks.plan(t, model, d, opts) for t, d in suite]  # all inputs checked up front
+    seen = [warn_if_pretrained_on(model.info, t, d) for t, d in suite]
     results: list[TaskResult] = []
     with eval_run(tracking_uri, "suite", model.info, extra_tags={"eval_task": "suite"}) as parent:
         try:
-            for i, p in enumerate(plans, 1):
+            for i, (p, s) in enumerate(zip(plans, seen), 1):
                 log.info("suite %d/%d: %s on %s", i, len(plans), p.task, p.dataset)
-                results.append(_run_logged(p, model, opts, tracking_uri, out, nested=True))
+                results.append(_run_logged(p, model, opts, tracking_uri, out, nested=True, seen=s))
             mlflow.log_metric("suite_wall_s", sum(r.wall_s for r in results))
             from eval.report import combine_markdown
 

@@ -3,13 +3,20 @@
 Contents (soma_joinid order):
   * pbmc3k (2,700 real PBMCs, 10x 3' v1, blood) with its 9 annotated cell types;
   * symphony PBMCs (1,500 real cells, blood), one dataset per batch (10x 3' v1, 3' v2, 5' v1);
+  * the Kang et al. 2018 IFN-beta PBMCs (2,000 real cells, blood, 10x 3' v1; control and
+    IFN-beta stimulated, no cell-type labels), one dataset per condition;
+  * the RNA of the two 10x CITE-seq PBMC files (200 real cells each, 10x 3' v3, no labels);
   * 300 pbmc3k cells again as a second submission with ``is_primary_data == False`` (the
     duplicates Census carries across collections, which primary-only ingest must skip);
   * 400 lung and 400 brain cells, SYNTHETIC (labelled so in dataset title and collection), so
     that ``--tissue blood`` really filters something.
 
-var is pbmc3k's 32,738 genes (Ensembl ids, hg19); symphony's symbols are mapped through the
+var is pbmc3k's 32,738 genes (Ensembl ids, hg19); the other sets' symbols are mapped through the
 shipped symbol table (unmapped ones are dropped and counted in the log).
+
+Every real PBMC set with a whole transcriptome is here, so that a pretraining corpus can be chosen
+from the atlas with a query; ``HELD_OUT_FILTER`` is the query that keeps the symphony PBMCs (the
+labelled set with a cross-chemistry query batch) out of pretraining, for evaluation.
 """
 
 from __future__ import annotations
@@ -32,6 +39,12 @@ log = logging.getLogger(__name__)
 
 PBMC3K = DATA_DIR / "pbmc3k_counts_celltype.h5ad"
 SYMPHONY = DATA_DIR / "symphony_pbmc_3batch_counts.h5ad"
+KANG = DATA_DIR / "kang_ifnb_ctrl_stim_counts.h5ad"
+CITE = {"10k": DATA_DIR / "pbmc_10k_protein_v3.h5ad", "5k": DATA_DIR / "pbmc_5k_protein_v3.h5ad"}
+N_KANG, N_CITE = 2000, 400
+# the ingest query that keeps the symphony PBMCs out of pretraining (they are evaluated on)
+HELD_OUT_DATASETS = tuple(f"symphony-pbmc-{b}" for b in ("3pv1", "3pv2", "5p"))
+HELD_OUT_FILTER = "dataset_id not in [" + ", ".join(f"'{d}'" for d in HELD_OUT_DATASETS) + "]"
 
 # source label -> (Census cell_type, Cell Ontology id)
 PBMC3K_TYPES = {
@@ -79,6 +92,17 @@ def _blood_obs(labels: pd.Series, table: dict[str, tuple[str, str]], assay: str,
     })
 
 
+def _append_by_symbol(writer: CensusStoreWriter, part: ad.AnnData, obs: pd.DataFrame, index: dict[str, int],
+                      n_var: int, info: DatasetInfo) -> None:
+    """Append a symbol-keyed dataset: genes mapped to the atlas var, unmapped ones dropped (logged)."""
+    m = resolve_genes(part.var)
+    log.info("%s: %d of %d genes mapped to Ensembl ids", info.dataset_id, part.n_vars - m.n_unmapped, part.n_vars)
+    col_map = _column_map(m, index)
+    measured = np.zeros(n_var, dtype=bool)
+    measured[col_map[col_map >= 0]] = True
+    writer.append(obs, remap_columns(sp.csr_matrix(part.X), col_map, n_var), info, measured)
+
+
 def existing_demo(out: str | Path) -> bool:
     """True when ``out`` already holds a complete demo atlas (so re-running the demo is cheap)."""
     out = Path(out)
@@ -94,7 +118,7 @@ def existing_demo(out: str | Path) -> bool:
             n = sum(t.num_rows for t in obs.read(column_names=["soma_joinid"]))
     except Exception:  # noqa: BLE001 - anything unreadable is not a finished demo atlas
         return False
-    expected = 2700 + 1500 + N_DUPLICATES + N_SYNTH_PER_TISSUE * len(SYNTH_TISSUES)
+    expected = 2700 + 1500 + N_KANG + N_CITE + N_DUPLICATES + N_SYNTH_PER_TISSUE * len(SYNTH_TISSUES)
     return summary.get("build_note", "").startswith("demo atlas") and n == expected == int(summary["total_cell_count"])
 
 
@@ -118,27 +142,40 @@ def build_demo(out: str | Path, seed: int = 0, *, reuse: bool = False) -> Path:
 
     rng = np.random.default_rng(seed)
     dup_idx = np.sort(rng.choice(pbmc.n_obs, N_DUPLICATES, replace=False))
-    n_total = pbmc.n_obs + sym.n_obs + N_DUPLICATES + N_SYNTH_PER_TISSUE * len(SYNTH_TISSUES)
-    writer = CensusStoreWriter(out, var, n_total, build_note="demo atlas from `ingest build-demo`: real pbmc3k and "
-                               "symphony PBMCs (blood) + SYNTHETIC lung/brain cells + non-primary duplicates")
+    kang = ad.read_h5ad(KANG)
+    cite = {k: ad.read_h5ad(f) for k, f in CITE.items()}
+    n_total = pbmc.n_obs + sym.n_obs + kang.n_obs + sum(c.n_obs for c in cite.values()) + N_DUPLICATES + N_SYNTH_PER_TISSUE * len(SYNTH_TISSUES)
+    writer = CensusStoreWriter(out, var, n_total, build_note="demo atlas from `ingest build-demo`: real pbmc3k, "
+                               "symphony, Kang IFN-b and CITE-seq PBMCs (blood) + SYNTHETIC lung/brain cells + non-primary duplicates")
     try:
         obs = _blood_obs(pbmc.obs["celltype"], PBMC3K_TYPES, "10x 3' v1", "pbmc3k-donor", pbmc.obs_names)
         writer.append(obs, pbmc.X, DatasetInfo(
             dataset_id="pbmc3k", title="3k PBMCs from a healthy donor (10x Genomics), Seurat tutorial labels",
-            collection_name="10x Genomics public datasets", h5ad_path=str(PBMC3K)))
+            collection_name="10x Genomics public datasets", h5ad_path=PBMC3K.name))
         for batch, assay in SYMPHONY_ASSAYS.items():
             sel = np.flatnonzero(sym.obs["batch"].astype(str).to_numpy() == batch)
             part = sym[sel]
             obs = _blood_obs(part.obs["celltype"], SYMPHONY_TYPES, assay, f"symphony-donor-{batch}", part.obs_names)
             writer.append(obs, remap_columns(part.X, sym_map, n_var), DatasetInfo(
                 dataset_id=f"symphony-pbmc-{batch}", title=f"Symphony PBMC reference, batch {batch}",
-                collection_name="immunogenomics/symphony PBMCs", h5ad_path=str(SYMPHONY)), sym_measured)
+                collection_name="immunogenomics/symphony PBMCs", h5ad_path=SYMPHONY.name), sym_measured)
+        for cond in ("ctrl", "stim"):
+            part = kang[kang.obs["condition"].astype(str).to_numpy() == cond]
+            obs = _blood_obs(pd.Series([None] * part.n_obs), {}, "10x 3' v1", f"kang-{cond}", part.obs_names)
+            _append_by_symbol(writer, part, obs, index, n_var, DatasetInfo(
+                dataset_id=f"kang-ifnb-{cond}", title=f"Kang et al. 2018 PBMCs, {cond} (IFN-beta stimulation study)",
+                collection_name="immunogenomics/harmony pbmc_stim", h5ad_path=KANG.name))
+        for tag, part in cite.items():
+            obs = _blood_obs(pd.Series([None] * part.n_obs), {}, "10x 3' v3", f"cite-{tag}-donor", part.obs_names)
+            _append_by_symbol(writer, part, obs, index, n_var, DatasetInfo(
+                dataset_id=f"pbmc-cite-{tag}", title=f"10x CITE-seq PBMC {tag} (RNA only), 200 cells",
+                collection_name="10x Genomics CITE-seq PBMCs (scvi-tools test data)", h5ad_path=CITE[tag].name))
         dup = pbmc[dup_idx]
         obs = _blood_obs(dup.obs["celltype"], PBMC3K_TYPES, "10x 3' v1", "pbmc3k-donor", dup.obs_names)
         obs["is_primary_data"] = False
         writer.append(obs, dup.X, DatasetInfo(
             dataset_id="pbmc3k-resubmission", title="pbmc3k cells submitted again (non-primary duplicates)",
-            collection_name="duplicate submission (demo)", h5ad_path=str(PBMC3K)))
+            collection_name="duplicate submission (demo)", h5ad_path=PBMC3K.name))
         programs = [f"{t}|{c}" for t, cts in SYNTH_TISSUES.items() for c in cts]
         sampler = CellSampler(n_var, programs, rng, mean_genes=900.0)
         for tissue, cts in SYNTH_TISSUES.items():

@@ -190,6 +190,27 @@ def query_joinids(exp: soma.Experiment, value_filter: str) -> np.ndarray:
     return ids
 
 
+def dataset_refs(census: soma.Collection, exp: soma.Experiment, joinids: np.ndarray) -> list[dict]:
+    """Per source dataset of ``joinids``: id, title, collection, h5ad path (``census_info/datasets``)
+    and the number of cells, largest first. A store without a datasets table gives ids only."""
+    ids: list[np.ndarray] = []
+    for t in exp.obs.read(coords=(joinids,), column_names=["dataset_id"]):
+        ids.append(np.asarray(t.column("dataset_id").to_pylist(), dtype=object))
+    found, counts = np.unique(np.concatenate(ids) if ids else np.zeros(0, object), return_counts=True)
+    meta: dict[str, dict] = {}
+    try:
+        tbl = census[cs.CENSUS_INFO][cs.DATASETS].read(
+            column_names=["dataset_id", "dataset_title", "collection_name", "dataset_h5ad_path"]).concat().to_pylist()
+        meta = {r["dataset_id"]: r for r in tbl}
+    except Exception:  # noqa: BLE001 - census_info is informative only
+        pass
+    out = [{"dataset_id": str(d), "title": str(meta.get(d, {}).get("dataset_title") or ""),
+            "collection_name": str(meta.get(d, {}).get("collection_name") or ""),
+            "h5ad_path": str(meta.get(d, {}).get("dataset_h5ad_path") or ""), "n_cells": int(n)}
+           for d, n in zip(found, counts)]
+    return sorted(out, key=lambda r: (-r["n_cells"], r["dataset_id"]))
+
+
 def var_table(exp: soma.Experiment) -> pa.Table:
     return exp.ms["RNA"].var.read(column_names=["soma_joinid", "feature_id", "feature_name"]).concat()
 

@@ -24,6 +24,7 @@ from ingest.errors import IngestError
 from ingest.query import (
     IngestConfig,
     build_filter,
+    dataset_refs,
     experiment_of,
     open_census,
     pin_release,
@@ -38,6 +39,7 @@ from scgpt_model.vocab import GeneVocab, VocabError
 from shardset import (
     MANIFEST_FILE,
     VOCAB_FILE,
+    DatasetRef,
     Manifest,
     ManifestError,
     ShardEntry,
@@ -61,6 +63,7 @@ class Plan:
     genes_dropped: int
     genes_dropped_examples: list[str]
     args: dict                   # the fingerprint a re-run must match
+    datasets: list[DatasetRef]   # the source datasets of the planned cells (what a model will have seen)
 
 
 def project_version() -> str:
@@ -101,12 +104,13 @@ def plan(cfg: IngestConfig) -> Plan:
         joinids = query_joinids(exp, value_filter)
         source = {**pin_release(source, census), **store_identity(census)}
         var = var_table(exp)
-    if joinids.size == 0:
-        raise IngestError(f"the query matched no cells (filter: {value_filter or 'none'}). Loosen it: check "
-                          "--tissue/--disease/--assay/--obs-filter/--min-genes, or add --include-non-primary")
-    n_matched = int(joinids.size)
-    if cfg.max_cells is not None and cfg.max_cells < joinids.size:
-        joinids = sample_joinids(joinids, cfg.max_cells, cfg.seed)
+        if joinids.size == 0:
+            raise IngestError(f"the query matched no cells (filter: {value_filter or 'none'}). Loosen it: check "
+                              "--tissue/--disease/--assay/--obs-filter/--min-genes, or add --include-non-primary")
+        n_matched = int(joinids.size)
+        if cfg.max_cells is not None and cfg.max_cells < joinids.size:
+            joinids = sample_joinids(joinids, cfg.max_cells, cfg.seed)
+        datasets = [DatasetRef(**d) for d in dataset_refs(census, exp, joinids)]
     keys = [str(k) for k in var.column(gene_key).to_pylist()]
     var_ids = var.column("soma_joinid").to_numpy()
     if vocab is None:
@@ -130,7 +134,7 @@ def plan(cfg: IngestConfig) -> Plan:
         "joinids_sha256": hashlib.sha256(joinids.tobytes()).hexdigest(),
     }
     return Plan(source, value_filter, joinids, n_matched, vocab, var_to_vocab,
-                bool(np.unique(mapped).size != mapped.size), len(dropped), dropped[:10], args)
+                bool(np.unique(mapped).size != mapped.size), len(dropped), dropped[:10], args, datasets)
 
 
 # ---- output directory --------------------------------------------------------------------
@@ -203,7 +207,7 @@ def _manifest(p: Plan, cfg: IngestConfig, shards: dict[int, ShardEntry], complet
         totals=Totals.of(entries, cells_matched=p.n_matched, cells_planned=int(p.joinids.size),
                          genes_in_vocab=len(p.vocab.genes), genes_dropped=p.genes_dropped,
                          genes_dropped_examples=p.genes_dropped_examples),
-        shards=entries)
+        shards=entries, datasets=p.datasets)
 
 
 def _init_ray(cfg: IngestConfig) -> bool:

@@ -105,6 +105,13 @@ class ScGPT(nn.Module):
             # the LayerNorm after it is scale-invariant, so expression magnitude would be invisible
             self.value_encoder.linear1.reset_parameters()
             self.value_encoder.linear2.reset_parameters()
+        last = self.expr_head.fc[-1]
+        if last.out_features == 1:
+            # the MSE head starts at the middle expressed bin instead of 0: targets are bins 1 ..
+            # n_bins-1 (mean ~n_bins/2), and Adam moves a bias by ~lr per step, so from 0 a 1e-3 lr
+            # spends its first ~1,000 steps only reaching the mean (measured: GEP loss flat at ~800)
+            with torch.no_grad():
+                last.bias.fill_(cfg.n_bins / 2)
         emb = self.gene_encoder.embedding
         nn.init.uniform_(emb.weight, -cfg.embedding_init_range, cfg.embedding_init_range)
         with torch.no_grad():

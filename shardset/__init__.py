@@ -12,6 +12,7 @@ from shardset.manifest import (
     SHARDS_DIR,
     SPLIT_RULE,
     VOCAB_FILE,
+    DatasetRef,
     Manifest,
     ManifestError,
     ShardEntry,
@@ -25,7 +26,7 @@ from shardset.manifest import (
 )
 
 __all__ = [
-    "MANIFEST_FILE", "MANIFEST_FORMAT", "SHARDS_DIR", "SPLIT_RULE", "VOCAB_FILE", "Manifest", "ManifestError",
+    "MANIFEST_FILE", "MANIFEST_FORMAT", "SHARDS_DIR", "SPLIT_RULE", "VOCAB_FILE", "DatasetRef", "Manifest", "ManifestError",
     "ShardEntry", "Totals", "atomic_write_bytes", "canonical_json", "is_validation", "sha256_file", "shard_name",
     "split_uniform",
 ]

@@ -180,6 +180,18 @@ class Totals(_Record):
 
 
 @dataclass(frozen=True, slots=True)
+class DatasetRef(_Record):
+    """One source dataset of a shard set (from the store's ``census_info/datasets``): what a model
+    pretrained on the set has seen, so that evaluation can warn when it scores on the same cells."""
+
+    dataset_id: str
+    title: str
+    collection_name: str
+    h5ad_path: str       # the dataset's file as the store names it ('' when the store does not say)
+    n_cells: int         # cells of this dataset in the shard set's plan (before --min-genes)
+
+
+@dataclass(frozen=True, slots=True)
 class Manifest(_Record):
     """A shard set: its source and query, token settings, split, the finished shards.
 
@@ -204,6 +216,7 @@ class Manifest(_Record):
     shards: list[ShardEntry]
     project_version: str = "unknown"
     columns: list[str] = field(default_factory=list)
+    datasets: list[DatasetRef] = field(default_factory=list)
     split: str = SPLIT_RULE
     format: str = MANIFEST_FORMAT
 

@@ -155,6 +155,8 @@ def run_pretrain(cfg: TrainConfig, *, resume: str | None = None) -> PretrainResu
     validate(cfg)
     manifest, vocab = check_shards(cfg.data.shards)
     manifest_hash = manifest.hash()
+    # MLflow tag values are capped at 8,000 characters; the full list travels in lineage.json
+    pretrain_datasets = ",".join(d.dataset_id for d in manifest.datasets)[:7900]
     mcfg = model_config(cfg, len(vocab))
     uri = tracking.resolve_tracking_uri(cfg.tracking.tracking_uri)
     tracking.check_tracking_uri(uri)
@@ -207,6 +209,7 @@ def run_pretrain(cfg: TrainConfig, *, resume: str | None = None) -> PretrainResu
             tags = {"manifest_hash": manifest_hash, "census_source": json.dumps(manifest.source),
                     "census_version": manifest.census_version,
                     "obs_filter": manifest.obs_filter, "vocab_hash": vocab.hash(),
+                    "pretrain_datasets": pretrain_datasets,
                     "git_commit": tracking.git_commit(), "shards_path": str(Path(cfg.data.shards).resolve()),
                     "ray_run_name": cfg.cluster.run_name, "mlflow.runName": cfg.cluster.run_name}
             from training.parallelize import deepspeed_config
@@ -230,13 +233,14 @@ def run_pretrain(cfg: TrainConfig, *, resume: str | None = None) -> PretrainResu
             ckpt_path, final = _final_checkpoint(result)
             model_uri = None
             if cfg.tracking.register:
-                from training.registry import export_and_register
+                from training.registry import export_and_register, lineage_of
 
                 model_uri = export_and_register(
                     ckpt_path, mcfg, vocab, tracking_uri=uri, run_id=run_id, model_name=cfg.tracking.model_name,
                     tags={"run_id": run_id, "manifest_hash": manifest_hash,
                           "census_source": json.dumps(manifest.source), "vocab_hash": vocab.hash(),
-                          "steps": str(final.get("step", ""))})
+                          "pretrain_datasets": pretrain_datasets, "steps": str(final.get("step", ""))},
+                    lineage=lineage_of(manifest))
         except BaseException:
             tracking.end_run(uri, run_id, "FAILED")
             raise

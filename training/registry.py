@@ -12,6 +12,7 @@ official scGPT layout, or a downloaded MLflow model folder).
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import tempfile
@@ -24,6 +25,26 @@ from training.errors import ModelURIError
 log = logging.getLogger(__name__)
 
 ARTIFACT_KEY = "model_dir"  # the save_pretrained folder inside the MLflow model's artifacts
+# beside model.pt: what the model was pretrained on (shard-set manifest hash, source datasets), so
+# that evaluation can warn when it scores a model on cells it has seen
+LINEAGE_FILE = "lineage.json"
+
+
+def lineage_of(manifest) -> dict[str, Any]:
+    """The lineage record of a model pretrained on ``manifest`` (a ``shardset.Manifest``)."""
+    return {"manifest_hash": manifest.hash(), "source": manifest.source, "obs_filter": manifest.obs_filter,
+            "datasets": [d.to_dict() for d in manifest.datasets]}
+
+
+def read_lineage(model_dir: str | Path) -> dict[str, Any] | None:
+    f = Path(model_dir) / LINEAGE_FILE
+    if not f.exists():
+        return None
+    try:
+        return json.loads(f.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        log.warning("%s is unreadable (%s); the model's pretraining data is unknown", f, e)
+        return None
 _URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>[^/@]+)|@(?P<alias>[^/@]+))$")
 
 
@@ -38,8 +59,10 @@ def consolidated_state_dict(checkpoint_dir: str | Path) -> dict:
     return {k.removeprefix("model."): v.detach().float().clone() for k, v in sd.items()}
 
 
-def export_pretrained(checkpoint_dir: str | Path, mcfg, vocab, out_dir: str | Path) -> Path:
-    """DeepSpeed checkpoint -> save_pretrained folder (model.pt fp32 + config.json + vocab.json)."""
+def export_pretrained(checkpoint_dir: str | Path, mcfg, vocab, out_dir: str | Path,
+                      lineage: dict[str, Any] | None = None) -> Path:
+    """DeepSpeed checkpoint -> save_pretrained folder (model.pt fp32 + config.json + vocab.json,
+    and ``lineage.json`` when ``lineage`` is given)."""
     from scgpt_model.checkpoint import save_pretrained
     from scgpt_model.model import ScGPT
 
@@ -51,7 +74,10 @@ def export_pretrained(checkpoint_dir: str | Path, mcfg, vocab, out_dir: str | Pa
     if set(missing) & params or unexpected:
         raise RuntimeError(f"consolidated checkpoint does not fit the model: missing {sorted(set(missing) & params)[:5]}, "
                            f"unexpected {unexpected[:5]}")
-    return save_pretrained(model, vocab, out_dir)
+    out = save_pretrained(model, vocab, out_dir)
+    if lineage is not None:
+        (out / LINEAGE_FILE).write_text(json.dumps(lineage, indent=1, sort_keys=True))
+    return out
 
 
 def pip_requirements() -> list[str]:
@@ -65,7 +91,7 @@ def pip_requirements() -> list[str]:
 
 
 def export_and_register(checkpoint_dir: str | Path, mcfg, vocab, *, tracking_uri: str, run_id: str,
-                        model_name: str, tags: dict[str, str]) -> str:
+                        model_name: str, tags: dict[str, str], lineage: dict[str, Any] | None = None) -> str:
     """Export, log as an MLflow model in ``run_id``, register; returns ``models:/<name>/<version>``."""
     import mlflow
 
@@ -75,7 +101,7 @@ def export_and_register(checkpoint_dir: str | Path, mcfg, vocab, *, tracking_uri
     mlflow.set_registry_uri(tracking_uri)
     pkg_root = Path(__file__).resolve().parents[1]
     with tempfile.TemporaryDirectory(prefix="scgpt-export-") as tmp:
-        model_dir = export_pretrained(checkpoint_dir, mcfg, vocab, Path(tmp) / ARTIFACT_KEY)
+        model_dir = export_pretrained(checkpoint_dir, mcfg, vocab, Path(tmp) / ARTIFACT_KEY, lineage)
         # the fluent API refuses to re-open a run outside the process's active experiment (a caller
         # may have called set_experiment for something else): make the run's own experiment active
         mlflow.set_experiment(experiment_id=mlflow.MlflowClient().get_run(run_id).info.experiment_id)
@@ -175,5 +201,6 @@ def load_registered_model(uri: str, tracking_uri: str | None = None, map_locatio
         model, vocab, cfg = load_pretrained(path, map_location=map_location)
     except Exception as e:
         raise ModelURIError(f"model {uri!r}: {path} does not hold a loadable checkpoint ({e})") from e
+    info["lineage"] = read_lineage(path)
     model.eval()
     return model, vocab, cfg, info
