@@ -18,6 +18,8 @@ Stage profile: one worker's wall and CPU seconds per 10k-cell chunk, stage by st
 
 Builds the store first (``ingest synth-census``) when it does not exist. Writes a Markdown
 section and the JSON figures to benchmarks/results/<--name>.md / .json (default: ingest).
+``--stages-only`` runs just the stage profile and the shard-layout comparison (about a minute;
+needs a store of >= 50k cells) and prints its JSON: the figures a change to the writer moves.
 """
 
 from __future__ import annotations
@@ -149,10 +151,13 @@ def reference_pipeline(store: Path, n_cells: int, chunk: int = 5000) -> dict:
     return {"cells": done, "wall_s": time.perf_counter() - t0}
 
 
-def stage_profile(store: Path, n_chunks: int = 4) -> dict[str, dict[str, float]]:
+def stage_profile(store: Path, n_chunks: int = 4) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
     """Median wall and CPU (user+sys, all threads) seconds per stage of one 10k-cell chunk, run
-    in this process exactly as the worker runs them (after one warm-up chunk). The last row times
-    Arrow's generic ``write_table`` on the same shard table, for comparison with the shard writer."""
+    in this process exactly as the worker runs them (after one warm-up chunk). Also returns, as
+    medians, for ingest's layout and for BYTE_STREAM_SPLIT on all three list columns (the layout
+    of the hand-written encoder pyarrow replaced): the shard's size (MB) and the wall and CPU
+    seconds of writing it and of ``pq.read_table`` of it, timed after the stages, in alternating
+    order from chunk to chunk (whichever runs first pays for fresh allocator memory)."""
     import cellxgene_census
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -168,7 +173,19 @@ def stage_profile(store: Path, n_chunks: int = 4) -> dict[str, dict[str, float]]
         return time.perf_counter(), t.user + t.system
 
     rows: dict[str, list[tuple[float, float]]] = {}
+    files: dict[str, list[float]] = {}
     out = Path("/tmp/bench_ingest_stage.parquet")
+    out_bss = Path("/tmp/bench_ingest_stage_all_bss.parquet")
+    train_cols = ["genes", "bins"]  # what training.data.ShardStore reads per shard
+    all_bss = {**SHARD_WRITE_OPTIONS, "use_dictionary": list(OBS_COLUMNS),
+               "column_encoding": {f"{c}.list.element": "BYTE_STREAM_SPLIT" for c in ("genes", "counts", "bins")}}
+
+    def timed(f, *a, **kw) -> tuple[float, float]:
+        w0, c0 = clock()
+        f(*a, **kw)
+        w1, c1 = clock()
+        return w1 - w0, c1 - c0  # wall, CPU (all threads: the CPU figure is the one load does not inflate)
+
     with cellxgene_census.open_soma(uri=str(store), tiledb_config={"soma.init_buffer_bytes": READ_BUFFER_BYTES}) as c:
         X = c["census_data"]["homo_sapiens"].ms["RNA"].X["raw"]
         v2v = np.arange(X.shape[1], dtype=np.int32)
@@ -190,17 +207,25 @@ def stage_profile(store: Path, n_chunks: int = 4) -> dict[str, dict[str, float]]
                               "total_counts": np.add.reduceat(counts, indptr[:-1]).astype(np.float32),
                               **{col: obs for col in OBS_COLUMNS}}, schema=SHARD_SCHEMA)
             write_shard(table, out)
-            marks.append(("Parquet write (ingest.shard_writer: BYTE_STREAM_SPLIT + zstd)", *clock()))
+            marks.append(("Parquet write (ingest.shard_writer: pyarrow write_table; delta genes, BYTE_STREAM_SPLIT "
+                          "counts, dictionary bins, zstd)", *clock()))
             sha256_file(out)
             marks.append(("sha256", *clock()))
-            pq.write_table(table, out, **SHARD_WRITE_OPTIONS)
-            marks.append(("(not in ingest) the same shard with Arrow's write_table", *clock()))
             if k:
                 for (_, w0, c0), (name, w1, c1) in zip(marks, marks[1:]):
                     rows.setdefault(name, []).append((w1 - w0, c1 - c0))
+                layouts = [("", out, SHARD_WRITE_OPTIONS), ("_all_bss", out_bss, all_bss)]
+                for sfx, path, opts in layouts if k % 2 else layouts[::-1]:
+                    for key, (w, c) in (("write", timed(pq.write_table, table, path, **opts)),
+                                        ("read", timed(pq.read_table, path)),
+                                        ("read_train", timed(pq.read_table, path, columns=train_cols))):
+                        files.setdefault(f"{key}{sfx}_s", []).append(w)
+                        files.setdefault(f"{key}{sfx}_cpu_s", []).append(c)
+                    files.setdefault(f"shard_mb{sfx}", []).append(path.stat().st_size / 1e6)
     out.unlink(missing_ok=True)
-    return {name: {"wall_s": statistics.median(w for w, _ in v), "cpu_s": statistics.median(c for _, c in v)}
-            for name, v in rows.items()}
+    out_bss.unlink(missing_ok=True)
+    return ({name: {"wall_s": statistics.median(w for w, _ in v), "cpu_s": statistics.median(c for _, c in v)}
+             for name, v in rows.items()}, {key: statistics.median(v) for key, v in files.items()})
 
 
 def main() -> None:
@@ -213,12 +238,20 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--ref-cells", type=int, default=5_000, help="cells the slow reference pipeline processes")
     ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--stages-only", action="store_true",
+                    help="only the in-process stage profile and shard layouts (about a minute); print JSON")
     ap.add_argument("--name", default="ingest", help="results go to benchmarks/results/<name>.md and .json")
     ap.add_argument("--title", default="Ingest (`ingest census`)", help="the Markdown section's heading")
     args = ap.parse_args()
+    load_start = os.getloadavg()[0]  # the machine is shared: say how loaded it was
     if not args.store.exists():
         subprocess.run([sys.executable, "-m", "ingest.cli", "synth-census", "--cells", str(args.cells), "--genes",
                         "20000", "--out", str(args.store)], cwd=REPO, env=_env(), check=True)
+    if args.stages_only:
+        stages, shard_files = stage_profile(args.store)
+        print(json.dumps({"stages": stages, "shard_files": shard_files,
+                          "load_avg_1min": [load_start, os.getloadavg()[0]]}, indent=1))
+        return
     args.work.mkdir(parents=True, exist_ok=True)
 
     # rates: paired runs (raw read, ingest, reference back to back) on the same --rate-cells query,
@@ -239,7 +272,7 @@ def main() -> None:
     small = run_ingest(args.store, args.work / "small", ["--obs-filter", f"soma_joinid < {args.small}"])
     big = max(bigs, key=lambda r: r["peak_rss_worker_mb"])
     shutil.rmtree(args.work, ignore_errors=True)
-    stages = stage_profile(args.store)
+    stages, shard_files = stage_profile(args.store)
 
     med = statistics.median
     n = raw[0]["cells"]
@@ -270,7 +303,7 @@ def main() -> None:
         "raw_200k_cells_s": med(r["cells"] / r["wall_s"] for r in raw_big),
         "ratio_ingest_e2e_200k_vs_raw": med(b["cells"] / b["wall_s"] / (r["cells"] / r["wall_s"])
                                             for b, r in zip(bigs, raw_big)),
-        "stages": stages,
+        "stages": stages, "shard_files": shard_files, "load_avg_1min": [load_start, os.getloadavg()[0]],
     }
     print(json.dumps(res, indent=1))
     if not args.no_write:
@@ -288,7 +321,8 @@ def write_markdown(r: dict, args: argparse.Namespace) -> None:
         f"## {args.title}",
         "",
         f"- Command: `{cmd}` (store: `ingest synth-census --cells {r['store_cells']} --genes 20000`, under /tmp).",
-        f"- Machine: 2-core x86_64 CPU VM (load average 0.4-2 during this run), "
+        f"- Machine: 2-core x86_64 CPU VM (1-min load average {r['load_avg_1min'][0]:.1f} at the start, "
+        f"{r['load_avg_1min'][1]:.1f} at the end of this run), "
         f"Python {platform.python_version()}, {dt.datetime.now(dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}.",
         f"- Store: {r['store_cells']:,} synthetic cells x 20,000 genes, {r['nnz_per_cell']:.0f} nonzeros per cell. "
         f"Rates on the query `soma_joinid < {args.rate_cells}` ({r['cells']:,} cells, `--include-non-primary`), "
@@ -334,6 +368,17 @@ def write_markdown(r: dict, args: argparse.Namespace) -> None:
         *[f"| {name} | {v['wall_s']:.3f} | {v['cpu_s']:.3f} |" for name, v in r["stages"].items()],
         f"| total (ingest's stages) | {sum(v['wall_s'] for n, v in r['stages'].items() if not n.startswith('(')):.3f} | "
         f"{sum(v['cpu_s'] for n, v in r['stages'].items() if not n.startswith('(')):.3f} |",
+        "",
+        "Shard layouts, same chunks, written with `pq.write_table` and read with `pq.read_table` after the stages "
+        "(median wall s / CPU s):",
+        "",
+        "| layout | MB | write | read all columns | read `genes`, `bins` (what training reads) |",
+        "|---|---:|---:|---:|---:|",
+        *[f"| {name} | {r['shard_files'][f'shard_mb{sfx}']:.1f} | {r['shard_files'][f'write{sfx}_s']:.2f} / "
+          f"{r['shard_files'][f'write{sfx}_cpu_s']:.2f} | {r['shard_files'][f'read{sfx}_s']:.2f} / "
+          f"{r['shard_files'][f'read{sfx}_cpu_s']:.2f} | {r['shard_files'][f'read_train{sfx}_s']:.2f} / "
+          f"{r['shard_files'][f'read_train{sfx}_cpu_s']:.2f} |"
+          for name, sfx in (("ingest's (`SHARD_WRITE_OPTIONS`)", ""), ("BYTE_STREAM_SPLIT on all three list columns", "_all_bss"))],
         "",
         "Peak memory of `ingest census` (RSS summed over its process tree: driver + raylet + Ray agents + 2 workers; "
         "and of the largest single Ray worker):",

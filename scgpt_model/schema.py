@@ -53,15 +53,20 @@ SHARD_SCHEMA = pa.schema(
 )
 
 SHARD_COMPRESSION = "zstd"
-# How shards are written (``pyarrow.parquet.write_table(table, path, **SHARD_WRITE_OPTIONS)``).
-# The three list columns use BYTE_STREAM_SPLIT + zstd: as fast to encode as PLAIN and, because
-# the high bytes of gene ids, counts and uint8 bins (stored as INT32) are mostly constant, ~20%
-# smaller than dictionary + zstd at ~30% less encoding time. Obs strings stay dictionary-encoded.
+# How shards are written (``pyarrow.parquet.write_table(table, path, **SHARD_WRITE_OPTIONS)``, in
+# ``ingest.shard_writer``), per list column, each by what its values look like:
+#   genes  - sorted within a cell: DELTA_BINARY_PACKED stores small deltas (one large jump per cell);
+#   counts - float32 whose high bytes are mostly constant: BYTE_STREAM_SPLIT, then zstd;
+#   bins   - uint8 (stored as INT32) with < 256 distinct values: dictionary (RLE-bit-packed indices).
+# BYTE_STREAM_SPLIT stays on the FLOAT column only: on INT32 it is a Parquet 2.11 (2024) addition
+# that pyarrow < 17, Spark on parquet-java < 1.14 and older DuckDB releases cannot decode. Against
+# BYTE_STREAM_SPLIT on all three columns: 11% smaller shards for ~0.1 CPU-s more per 10k-cell write
+# (BENCHMARKS.md, ingest writer section). Obs strings stay dictionary-encoded.
 SHARD_WRITE_OPTIONS: dict = {
     "compression": SHARD_COMPRESSION,
     "compression_level": 1,
-    "use_dictionary": list(OBS_COLUMNS),
-    "column_encoding": {f"{c}.list.element": "BYTE_STREAM_SPLIT" for c in (GENES, COUNTS, BINS)},
+    "use_dictionary": [*OBS_COLUMNS, f"{BINS}.list.element"],
+    "column_encoding": {f"{GENES}.list.element": "DELTA_BINARY_PACKED", f"{COUNTS}.list.element": "BYTE_STREAM_SPLIT"},
     "write_statistics": [SOMA_JOINID, N_GENES, TOTAL_COUNTS],
 }
 
