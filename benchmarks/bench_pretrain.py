@@ -46,7 +46,8 @@ MODEL, RANDOM = tasks.MODEL, tasks.RANDOM
 def measure(model: ScGPTModel, shards: str, dataset: str, seed: int, args) -> dict[tuple[str, str], float]:
     """{(measure, method): value} for one seed."""
     out: dict[tuple[str, str], float] = {}
-    opts = dict(epochs=args.epochs, n_hvg=args.n_hvg, max_cells=args.max_cells, seed=seed, plots=False)
+    opts = dict(epochs=args.epochs, n_hvg=args.n_hvg, max_cells=args.max_cells, seed=seed, plots=False,
+                min_steps=args.min_steps)
     with tempfile.TemporaryDirectory() as tmp:
         for frac in (1.0, 0.1):
             o = tasks.EvalOptions(**opts, label_fraction=frac)
@@ -120,6 +121,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--n-hvg", type=int, default=500)
     ap.add_argument("--max-cells", type=int, default=0)
+    ap.add_argument("--min-steps", type=int, default=0, help="fine-tuning step floor (evaluate --min-steps)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/pretrain"))
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -40,6 +40,9 @@ Task = Literal["annotation", "integration"]
 class FineTuneConfig:
     task: Task
     epochs: int = 30  # §4.8: "trained for a fixed duration of 30 epochs"
+    # a floor on optimizer steps: a small reference (10% of the labels: ~50 cells) gets 2 steps per
+    # epoch, so a fixed epoch count leaves it at the class prior; the epochs are raised to reach this
+    min_steps: int = 0
     lr: float | None = None  # None: the paper's 1e-4 at width 512, scaled with the width (default_lr)
     lr_decay: float = 0.9  # §4.8: "decayed to 90% after each epoch"
     warmup_fraction: float = 0.1  # linear warm-up over this share of all optimizer steps
@@ -148,7 +151,11 @@ def fine_tune(pretrained: ScGPT | None, base_cfg: ModelConfig, data: PreparedDat
     mask = ft.mask_ratio if ft.task == "integration" else 0.0
     lr = ft.lr if ft.lr is not None else default_lr(cfg.d_model)
     steps_per_epoch = -(-tr_idx.size // ft.batch_size)
-    total = steps_per_epoch * ft.epochs
+    epochs = max(ft.epochs, -(-ft.min_steps // steps_per_epoch))
+    if epochs > ft.epochs:
+        log.info("fine-tune %s: %d epochs of %d steps are below --min-steps %d; training %d epochs", name,
+                 ft.epochs, steps_per_epoch, ft.min_steps, epochs)
+    total = steps_per_epoch * epochs
     warmup = max(1, int(round(ft.warmup_fraction * total))) if ft.warmup_fraction > 0 else 0
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=ft.weight_decay)
 
@@ -158,10 +165,10 @@ def fine_tune(pretrained: ScGPT | None, base_cfg: ModelConfig, data: PreparedDat
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
     log.info("fine-tune %s %s: %d train / %d validation cells x %d genes, %d epochs x %d steps, lr %.2g "
              "(AdamW, wd %g, warm-up %d steps)", name, ft.task, tr_idx.size, val_idx.size, data.n_genes,
-             ft.epochs, steps_per_epoch, lr, ft.weight_decay, warmup)
+             epochs, steps_per_epoch, lr, ft.weight_decay, warmup)
     best_key, best_state, best_epoch, history = None, None, 0, []
     t_start = time.perf_counter()
-    for epoch in range(1, ft.epochs + 1):
+    for epoch in range(1, epochs + 1):
         t0 = time.perf_counter()
         model.train()
         tot, n = 0.0, 0
@@ -182,7 +189,7 @@ def fine_tune(pretrained: ScGPT | None, base_cfg: ModelConfig, data: PreparedDat
             if sched.last_epoch == 3 and total > 3:  # last_epoch counts the scheduler's steps  # a measured, not guessed, estimate of the whole fine-tune
                 est = (time.perf_counter() - t_start) / 3 * total * (1 + ft.val_fraction)
                 msg = (f"fine-tune {name} {ft.task}: estimated {_fmt_s(est)} on {ft.device} "
-                       f"({ft.epochs} epochs x {steps_per_epoch} steps, {data.n_genes} genes per cell)")
+                       f"({epochs} epochs x {steps_per_epoch} steps, {data.n_genes} genes per cell)")
                 if est > LONG_RUN_S:
                     log.warning("%s. To shorten it: fewer genes (--n-hvg; attention cost grows with the "
                                 "square), fewer cells (--max-cells), fewer --epochs, or a GPU (--device cuda)", msg)
@@ -192,9 +199,9 @@ def fine_tune(pretrained: ScGPT | None, base_cfg: ModelConfig, data: PreparedDat
         sec = time.perf_counter() - t0
         history.append({"epoch": epoch, "train_loss": tot / max(n, 1), "val_loss": val, "val_accuracy": acc,
                         "lr": opt.param_groups[0]["lr"], "seconds": sec})
-        eta = (time.perf_counter() - t_start) / epoch * (ft.epochs - epoch)
+        eta = (time.perf_counter() - t_start) / epoch * (epochs - epoch)
         log.info("fine-tune %s %s epoch %d/%d: train %.4f val %.4f%s (%.1fs, ETA %s)", name, ft.task, epoch,
-                 ft.epochs, tot / max(n, 1), val, "" if acc is None else f" val acc {acc:.3f}", sec, _fmt_s(eta))
+                 epochs, tot / max(n, 1), val, "" if acc is None else f" val acc {acc:.3f}", sec, _fmt_s(eta))
         key = (-acc, val) if acc is not None else (val,)
         if best_key is None or key < best_key:
             best_key, best_epoch = key, epoch

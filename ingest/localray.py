@@ -28,6 +28,12 @@ LOCAL_ENV = {
     # process, and numba cannot compile a kernel that reaches `print` (numba.get_num_threads does),
     # so pynndescent / umap / scanpy neighbours failed in any process that had run a Ray job.
     "RAY_TQDM_PATCH_PRINT": "0",
+    # Off: Ray Train re-logs each worker `print` through the root logger, which the worker's own
+    # log handler prints again, so every training step came out as two identical lines.
+    "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+    # Off on a local Ray: the watcher polls for node drains (spot preemption on a cluster) and its
+    # actor start logs an error-level core_worker line on every healthy local run.
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
 }
 
 

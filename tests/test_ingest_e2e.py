@@ -28,6 +28,10 @@ from tests.test_binning import reference_bins
 BLOOD_PRIMARY = "tissue_general == 'blood' and is_primary_data == True"
 
 
+# the demo atlas's primary blood cells: pbmc3k 2,700 + symphony 1,500 + Kang IFN-b 2,000 + CITE-seq RNA 400,
+# in shards of 1,000 (DEMO_SHARD_ARGS)
+N_BLOOD, N_SHARDS = 2700 + 1500 + 2000 + 400, 7
+
 def _read_shards(path: Path):
     m = Manifest.load(path)
     tables = [pq.read_table(path / s.path) for s in m.shards]
@@ -57,7 +61,7 @@ def test_demo_store_opens_like_census(demo_census):
         assert ds.dataset_total_cell_count.sum() == len(obs)
         assert ds.dataset_title.str.contains("SYNTHETIC").sum() == 2
         ad = cellxgene_census.get_anndata(census, "Homo sapiens", obs_value_filter=BLOOD_PRIMARY)
-        assert ad.n_obs == 4200 and ad.n_vars == len(var)
+        assert ad.n_obs == N_BLOOD and ad.n_vars == len(var)
         # the QC columns agree with the matrix
         np.testing.assert_allclose(np.asarray(ad.X.sum(axis=1)).ravel(), ad.obs.raw_sum.to_numpy())
         np.testing.assert_array_equal(np.diff(ad.X.tocsr().indptr), ad.obs.nnz.to_numpy())
@@ -75,7 +79,7 @@ def test_blood_shards_equal_the_source(demo_census, demo_shards):
     # every filtered cell exactly once, no other cell
     assert len(ids) == len(set(ids)) == len(src_ids)
     assert set(ids.tolist()) == set(src_ids.tolist())
-    assert m.totals.cells == 4200 and len(m.shards) == 5 and m.complete
+    assert m.totals.cells == N_BLOOD and len(m.shards) == N_SHARDS and m.complete
     assert "is_primary_data == True" in m.obs_filter and "tissue_general in ['blood']" in m.obs_filter
     # gene ids of the store's var in vocabulary id space
     var_vocab = vocab.encode(ad.var.feature_id.tolist())
@@ -99,7 +103,7 @@ def test_blood_shards_equal_the_source(demo_census, demo_shards):
     # the split is the manifest's deterministic function of soma_joinid
     val = is_validation(ids, m.val_fraction, m.seed)
     assert val.sum() == m.totals.n_val and 0 < val.sum() < 0.1 * len(ids)
-    assert validate_shards(demo_shards)["n_cells"] == 4200
+    assert validate_shards(demo_shards)["n_cells"] == N_BLOOD
 
 
 def test_rerun_same_arguments_skips_everything(demo_census, demo_shards, tmp_path):
@@ -107,7 +111,7 @@ def test_rerun_same_arguments_skips_everything(demo_census, demo_shards, tmp_pat
     shutil.copytree(demo_shards, out)
     before = (out / "manifest.json").read_bytes()
     proc = run_ingest_cli("census", "--census-uri", str(demo_census), *DEMO_SHARD_ARGS, "--out", str(out))
-    assert "5 already done" in proc.stderr
+    assert f"{N_SHARDS} already done" in proc.stderr
     assert (out / "manifest.json").read_bytes() == before
 
 
@@ -132,7 +136,7 @@ def test_resume_after_sigkill_gives_identical_shards(demo_census, demo_shards, t
         except ProcessLookupError:
             pass
     killed = Manifest.load(out)
-    assert not killed.complete and len(killed.shards) < 5
+    assert not killed.complete and len(killed.shards) < N_SHARDS
     with pytest.raises(IngestError, match="not complete"):
         validate_shards(out)
     for f in (out / "shards").glob("part-*.parquet"):  # what is visible is complete
@@ -142,7 +146,7 @@ def test_resume_after_sigkill_gives_identical_shards(demo_census, demo_shards, t
     resumed, reference = Manifest.load(out), Manifest.load(demo_shards)
     assert resumed.hash() == reference.hash()
     assert [(s.path, s.sha256) for s in resumed.shards] == [(s.path, s.sha256) for s in reference.shards]
-    assert sorted(p.name for p in (out / "shards").iterdir()) == [f"part-{i:05d}.parquet" for i in range(5)]
+    assert sorted(p.name for p in (out / "shards").iterdir()) == [f"part-{i:05d}.parquet" for i in range(N_SHARDS)]
     validate_shards(out)
 
 
@@ -172,7 +176,7 @@ def test_max_cells_sample_and_other_options(demo_census, tmp_path):
                    "--cells-per-shard", "400", "--val-fraction", "0.1", "--seed", "3", "--num-cpus", "2",
                    "--out", str(out))
     m, table = _read_shards(out)
-    assert m.totals.cells_matched == 2700 + 362 + 300 and m.totals.cells == 700
+    assert m.totals.cells_matched == 2700 + 362 + 300 + 2000 and m.totals.cells == 700
     assert len(m.shards) == 2 and m.gene_key == "feature_name"
     assert set(table.column("assay").to_pylist()) == {"10x 3' v1"}
     assert max(max(b) for b in table.column(BINS).to_pylist()) == 20

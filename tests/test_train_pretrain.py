@@ -37,8 +37,8 @@ def test_run_finishes_registers_and_prints_one_line_per_step(pretrain_run):
     st = json.loads((pretrain_run.checkpoint / "train_state.json").read_text())
     assert st["step"] == N_STEPS and st["world_size"] == 2 and st["epoch"] == 2
     lines = [ln for ln in pretrain_run.stdout.splitlines() if f"/{N_STEPS} epoch" in ln and "step " in ln]
-    steps = {int(ln.split("step ")[1].split("/")[0]) for ln in lines}
-    assert steps == set(range(1, N_STEPS + 1)), "one stdout line per optimizer step"
+    steps = sorted(int(ln.split("step ")[1].split("/")[0]) for ln in lines)
+    assert steps == list(range(1, N_STEPS + 1)), "exactly one stdout line per optimizer step"
 
 
 def test_loss_goes_down(mlflow_run, pretrain_run):
