@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -44,6 +45,7 @@ from shardset import (
     ManifestError,
     ShardEntry,
     Totals,
+    atomic_write_bytes,
     sha256_file,
     split_uniform,
 )
@@ -179,7 +181,7 @@ class OutputDir:
         return done
 
     def remove_temp_files(self) -> None:
-        for pattern in ("shards/.part-*.tmp-*", ".*.tmp-*"):
+        for pattern in ("shards/.part-*.tmp-*", ".*.tmp-*", "*.json.tmp"):
             for f in self.path.glob(pattern):
                 f.unlink(missing_ok=True)
 
@@ -240,7 +242,10 @@ def run_ingest(cfg: IngestConfig) -> Manifest:
     usage_error = False
     started_ray = False
     try:
-        p.vocab.save(out.path / VOCAB_FILE)
+        vocab_bytes = json.dumps(p.vocab.to_json()).encode()
+        vocab_file = out.path / VOCAB_FILE
+        if not vocab_file.exists() or vocab_file.read_bytes() != vocab_bytes:  # a resume leaves it untouched
+            atomic_write_bytes(vocab_file, vocab_bytes)
         chunks = [p.joinids[i:i + cfg.cells_per_shard] for i in range(0, p.joinids.size, cfg.cells_per_shard)]
         todo = [i for i in range(len(chunks)) if i not in shards]
         manifest = _manifest(p, cfg, shards, complete=not todo)

@@ -83,12 +83,18 @@ def sha256_file(path: str | Path, bufsize: int = 1 << 20) -> str:
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file (fsync, rename); on any failure (a full
+    disk, an interrupt) the temporary file is removed and ``path`` keeps its old content."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 # ---- typed records ---------------------------------------------------------------------------

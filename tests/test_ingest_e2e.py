@@ -110,8 +110,10 @@ def test_rerun_same_arguments_skips_everything(demo_census, demo_shards, tmp_pat
     out = tmp_path / "again"
     shutil.copytree(demo_shards, out)
     before = (out / "manifest.json").read_bytes()
+    vocab_mtime = (out / "vocab.json").stat().st_mtime_ns
     proc = run_ingest_cli("census", "--census-uri", str(demo_census), *DEMO_SHARD_ARGS, "--out", str(out))
     assert f"{N_SHARDS} already done" in proc.stderr
+    assert (out / "vocab.json").stat().st_mtime_ns == vocab_mtime  # an unchanged vocabulary is not rewritten
     assert (out / "manifest.json").read_bytes() == before
 
 

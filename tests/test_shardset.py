@@ -97,3 +97,22 @@ def test_manifest_refuses_an_edit_and_a_missing_file(tmp_path):
         Manifest.load(tmp_path)
     with pytest.raises(ManifestError, match="not a shard set"):
         Manifest.load(tmp_path / "nowhere")
+
+
+def test_atomic_write_leaves_nothing_half_written_on_a_full_disk(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    from shardset import atomic_write_bytes
+
+    target = tmp_path / "vocab.json"
+    target.write_bytes(b"old")
+
+    def full_disk(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full_disk)
+    with pytest.raises(OSError, match="No space"):
+        atomic_write_bytes(target, b"new content")
+    assert target.read_bytes() == b"old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["vocab.json"]  # no temporary file left

@@ -94,6 +94,15 @@ def test_vocabulary_differing_from_the_checkpoint_on_resume(pretrain_run, tmp_pa
     other = write_tiny_shards(tmp_path / "other_vocab", gene_prefix="ENSMUSG")
     code, err = _train(tmp_path, "--resume", str(pretrain_run.run_dir), "--shards", str(other))
     assert code == 2 and "vocabulary" in err and "original shard set" in err
+    # same vocabulary, another shard set (issue 14.1: a resume used to train on it under the old run's tags)
+    same_vocab = tmp_path / "other_cells"
+    shutil.copytree(pretrain_run.shards, same_vocab)
+    from shardset import Manifest
+
+    m = Manifest.load(same_vocab)
+    m.replace(obs_filter=m.obs_filter + " and tissue_general in ['lung']").write(same_vocab)
+    code, err = _train(tmp_path, "--resume", str(pretrain_run.run_dir), "--shards", str(same_vocab))
+    assert code == 2 and "another shard set" in err and str(same_vocab) in err and "original --shards" in err
     code, err = _train(tmp_path, "--resume", str(pretrain_run.run_dir), "--num-workers", "3")
     assert code == 2 and "--num-workers 2" in err
     code, err = _train(tmp_path, "--resume", str(tmp_path / "no-run"))

@@ -172,6 +172,12 @@ def run_pretrain(cfg: TrainConfig, *, resume: str | None = None) -> PretrainResu
             raise TrainUsageError(
                 f"--resume: the checkpoint {ckpt} was trained with vocabulary {st['vocab_hash'][:12]} but the shards "
                 f"at {cfg.data.shards} use {vocab.hash()[:12]}; resume with the original shard set")
+        if st.get("manifest_hash") != manifest_hash:
+            raise TrainUsageError(
+                f"--resume: the checkpoint {ckpt} was trained on the shard set with manifest "
+                f"{str(st.get('manifest_hash'))[:12]}, but --shards {cfg.data.shards} is another shard set (manifest "
+                f"{manifest_hash[:12]}, query {manifest.obs_filter!r}); resume with the original --shards (the "
+                "run's MLflow tag shards_path names it), or start a new run")
         if int(st["world_size"]) != cfg.cluster.num_workers:
             raise TrainUsageError(f"--resume: the checkpoint was written by {st['world_size']} workers; pass "
                                   f"--num-workers {st['world_size']} (ZeRO shards are per rank)")
