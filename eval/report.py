@@ -12,8 +12,9 @@ import pandas as pd
 UNIT_INTERVAL = {"accuracy", "precision", "recall", "macro_f1", "precision_macro", "recall_macro",
                  "NMI_cell", "ARI_cell", "ASW_cell", "AvgBIO", "ASW_batch", "GraphConn", "AvgBATCH",
                  "Overall", "knn_accuracy", "knn_macro_f1", "program_enriched_share",
-                 "CD8A_top10_immune_share"}
-SIGNED_UNIT = {"pathway_pearson", "hla_I_vs_II_separation"}
+                 "CD8A_top10_immune_share", "direction_de"}
+SIGNED_UNIT = {"pathway_pearson", "hla_I_vs_II_separation", "pearson", "pearson_delta", "pearson_de",
+               "pearson_delta_de"}
 
 
 @dataclass
@@ -27,6 +28,10 @@ class TaskResult:
 
     def markdown(self, digits: int = 3) -> str:
         head = f"**{self.task}** on `{self.dataset}`"
+        seen = self.params.get("pretrained_on_eval_data")
+        if seen:
+            head += (f"  \n*not held out: the model was pretrained on {seen}; these scores overstate what it "
+                     "does on new data*")
         return head + "\n\n" + markdown_table(self.table, digits)
 
     def out_of_range(self) -> list[str]:
@@ -58,3 +63,42 @@ def markdown_table(df: pd.DataFrame, digits: int = 3) -> str:
 
 def combine_markdown(results: list[TaskResult]) -> str:
     return "\n\n".join(r.markdown() for r in results)
+
+
+# ---- the plain-words summary -------------------------------------------------------------------
+# each task's headline metric (higher is better for all of them)
+HEADLINE = {"annotation": "macro_f1", "integration": "AvgBIO", "zero-shot": "AvgBIO", "gene-network": "pathway_pearson",
+            "multiomic": "AvgBIO", "perturbation": "pearson_delta_de"}
+MODEL_ROW, RANDOM_ROW = "scGPT", "scGPT random init"
+CLOSE = 0.02  # differences below this are "about the same" at these sizes
+
+
+def _compare(a: float, b: float) -> str:
+    if not (np.isfinite(a) and np.isfinite(b)):
+        return "cannot be compared with"
+    if abs(a - b) < CLOSE:
+        return "is about level with"
+    return "beats" if a > b else "is below"
+
+
+def plain_summary(results: list[TaskResult]) -> str:
+    """One sentence per (task, dataset): scGPT against its random-init twin and the best baseline."""
+    lines = []
+    for r in results:
+        metric = HEADLINE.get(r.task, str(r.table.columns[0]))
+        if metric not in r.table.columns or MODEL_ROW not in r.table.index:
+            continue
+        col = r.table[metric].astype(float)
+        ours = float(col[MODEL_ROW])
+        parts = [f"- {r.task} on {r.dataset} ({metric}): scGPT {ours:.3f}"]
+        if RANDOM_ROW in col:
+            parts.append(f"{_compare(ours, float(col[RANDOM_ROW]))} its random-init twin ({col[RANDOM_ROW]:.3f})")
+        base = col.drop(index=[i for i in (MODEL_ROW, RANDOM_ROW) if i in col.index]).dropna()
+        if len(base):
+            best = base.idxmax()
+            parts.append(f"{_compare(ours, float(base[best]))} the best baseline, {best} ({base[best]:.3f})")
+        line = parts[0] + " " + "; ".join(parts[1:]) if len(parts) > 1 else parts[0]
+        if r.params.get("pretrained_on_eval_data"):
+            line += " [not held out: pretrained on these cells]"
+        lines.append(line + ".")
+    return "\n".join(lines)

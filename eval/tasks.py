@@ -24,12 +24,12 @@ from eval.report import TaskResult
 
 log = logging.getLogger(__name__)
 
-TASKS = ("annotation", "integration", "zero-shot", "gene-network", "multiomic")
+TASKS = ("annotation", "integration", "zero-shot", "gene-network", "multiomic", "perturbation")
 # `evaluate suite`: every task on its default datasets (paper-like choices, all shipped)
 SUITE: tuple[tuple[str, str], ...] = (
     ("annotation", "pbmc3k"), ("annotation", "symphony"), ("integration", "symphony"),
-    ("zero-shot", "symphony"), ("zero-shot", "pbmc3k"), ("gene-network", "pbmc3k"),
-    ("multiomic", "pbmc_cite"))
+    ("zero-shot", "symphony"), ("zero-shot", "pbmc3k"), ("gene-network", "pbmc3k"), ("gene-network", "symphony"),
+    ("multiomic", "pbmc_cite"), ("perturbation", "papalexi"))
 MODEL, RANDOM = "scGPT", "scGPT random init"
 
 
@@ -47,6 +47,8 @@ class EvalOptions:
     batch_key: str | None = None
     query_batches: tuple[str, ...] = ()  # annotation / zero-shot: batches held out as the query
     query_fraction: float = 0.2  # stratified query share when there are no query batches
+    label_fraction: float = 1.0  # annotation: the share of reference cells whose labels are used (stratified)
+    min_steps: int = 0  # fine-tuning: a floor on optimizer steps (epochs are raised to reach it)
     knn_k: int = 10
     network_threshold: float = 0.4  # §4.7: 0.4 (CD antigens); 0.5 for HLA
     query_gene: str = "CD8A"  # §4.7
@@ -55,6 +57,10 @@ class EvalOptions:
     device: str = "cpu"
     resolutions: tuple[float, ...] = metrics.RESOLUTIONS
     trunk: str = "scratch"  # multiomic: "scratch" (paper: only gene embeddings inherited) or "inherit"
+    perturbation_key: str | None = None  # perturbation: obs column of the conditions (None: "perturbation")
+    control: str | None = None  # perturbation: control label (None: the first of ctrl, control, non-targeting, NT)
+    n_splits: int = 5  # perturbation: unseen-perturbation split seeds (seed, seed + 1, ...)
+    max_perturbations: int = 0  # perturbation: 0 = all; >0 keeps that many (seeded) for quick runs
 
 
 @dataclass
@@ -85,6 +91,11 @@ def plan(task: str, model: ScGPTModel, dataset: str, opts: EvalOptions) -> Plan:
         from eval.multiomic import plan_multiomic
 
         data = plan_multiomic(model, dataset, opts)
+        return Plan(task, data.name, data)
+    if task == "perturbation":  # CRISPR screens: their own loader and checks (eval/perturbation_data.py)
+        from eval.perturbation import plan_perturbation
+
+        data = plan_perturbation(model, dataset, opts)
         return Plan(task, data.name, data)
     name, adata, meta = load_dataset(dataset)
     need_batch = task == "integration"
@@ -142,6 +153,10 @@ def _base_params(p: Plan, opts: EvalOptions, model: ScGPTModel) -> dict:
 def run_annotation(p: Plan, model: ScGPTModel, opts: EvalOptions, outdir: Path) -> TaskResult:
     """CLS fine-tuning on the reference, scored on the held-out query (§2.3, §4.5)."""
     ref_i, qry_i, how = _split(p, opts)
+    if opts.label_fraction < 1.0:  # a label-scarce reference: a stratified share keeps every type
+        keep, _ = stratified_split(p.data.labels[ref_i], 1.0 - opts.label_fraction, opts.seed + 1)
+        ref_i = np.sort(ref_i[keep])
+        how += f", {opts.label_fraction:.0%} of the reference labels"
     n_hvg = opts.n_hvg or DEFAULT_HVG["annotation"]
     ref_all = p.data.subset(ref_i)
     cols = select_hvg(ref_all.counts, n_hvg)  # HVGs from the reference only: no query leakage
@@ -149,7 +164,7 @@ def run_annotation(p: Plan, model: ScGPTModel, opts: EvalOptions, outdir: Path) 
     y_q = qry.labels
     ft = FineTuneConfig(task="annotation", epochs=opts.epochs, batch_size=opts.batch_size, seed=opts.seed,
                         device=opts.device, lr=opts.lr, warmup_fraction=opts.warmup_fraction,
-                        weight_decay=opts.weight_decay)
+                        weight_decay=opts.weight_decay, min_steps=opts.min_steps)
     rows, hist, arts = {}, {}, []
     variants = [(MODEL, model.model)] + ([(RANDOM, None)] if opts.random_init else [])
     for label, init in variants:
@@ -195,7 +210,7 @@ def run_integration(p: Plan, model: ScGPTModel, opts: EvalOptions, outdir: Path)
     d = p.data
     ft = FineTuneConfig(task="integration", epochs=opts.epochs, batch_size=opts.batch_size, seed=opts.seed,
                         device=opts.device, lr=opts.lr, warmup_fraction=opts.warmup_fraction,
-                        weight_decay=opts.weight_decay)
+                        weight_decay=opts.weight_decay, min_steps=opts.min_steps)
     rows, arts, best = {}, [], {}
     variants = [(MODEL, model.model)] + ([(RANDOM, None)] if opts.random_init else [])
     for label, init in variants:
@@ -274,7 +289,14 @@ def run_gene_network(p: Plan, model: ScGPTModel, opts: EvalOptions, outdir: Path
 
 
 RUNNERS = {"annotation": run_annotation, "integration": run_integration, "zero-shot": run_zero_shot,
-           "gene-network": run_gene_network, "multiomic": lambda *a: _run_multiomic(*a)}
+           "gene-network": run_gene_network, "multiomic": lambda *a: _run_multiomic(*a),
+           "perturbation": lambda *a: _run_perturbation(*a)}
+
+
+def _run_perturbation(p: Plan, model: ScGPTModel, opts: EvalOptions, outdir: Path) -> TaskResult:
+    from eval.perturbation import run_perturbation
+
+    return run_perturbation(p, model, opts, outdir)
 
 
 def _run_multiomic(p: Plan, model: ScGPTModel, opts: EvalOptions, outdir: Path) -> TaskResult:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The main job on the embedded default, end to end, with nothing to start by hand (about 20 minutes
-# on 2 CPU cores):
+# The main job on the embedded default, end to end, with nothing to start by hand (about 20-25 minutes
+# on 2 idle CPU cores):
 #   set up .venv -> build the demo atlas (a local store in Census layout) -> ingest its blood cells
 #   except the symphony PBMCs (held out for evaluation) -> validate -> pretrain the `cpu` preset on a
 #   local Ray (loopback, 2 CPU workers, DeepSpeed ZeRO-2), tracked in a local MLflow database and
@@ -38,6 +38,7 @@ MODEL=$(cat "$OUT/pretrained_model_uri")
 echo "== 5/6 held-out generative loss of $MODEL against trivial predictors"
 evaluate gep --model "$MODEL" --shards "$OUT/shards_pretrain" --dataset symphony --max-cells 1000 \
   | tee "$OUT/gep.md"
-echo "== 6/6 evaluate suite on $MODEL (CPU budget: 1,000 cells, 300 HVGs, 8 epochs)"
-evaluate suite --model "$MODEL" --max-cells 1000 --n-hvg 300 --epochs 8 --out "$OUT/eval" | tee "$OUT/suite.md"
+echo "== 6/6 evaluate suite on $MODEL, datasets held out of pretraining (CPU budget: 600 cells, 200 HVGs, 5 epochs and at least 150 steps per fine-tune)"
+evaluate suite --model "$MODEL" --held-out-only --max-cells 600 --n-hvg 200 --epochs 5 --splits 2 \
+  --max-perturbations 8 --min-steps 150 --out "$OUT/eval" | tee "$OUT/suite.md"
 echo "demo: done in $(( (SECONDS - t0) / 60 )) min. Scores: $OUT/suite.md; MLflow UI: mlflow ui --backend-store-uri $MLFLOW_TRACKING_URI"

@@ -16,7 +16,8 @@ from eval.report import SIGNED_UNIT, UNIT_INTERVAL
 from eval.tasks import SUITE
 
 # small enough for CI on 2 cores, large enough for every metric to be defined
-FAST = ["--epochs", "1", "--max-cells", "240", "--n-hvg", "120", "--batch-size", "32"]
+FAST = ["--epochs", "1", "--max-cells", "240", "--n-hvg", "120", "--batch-size", "32",
+        "--splits", "1", "--max-perturbations", "6"]  # perturbation: one split of 6 perturbations
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +37,11 @@ def _check_table(df: pd.DataFrame, where: str) -> None:
         for metric, v in row.items():
             if metric == "program_enriched_share" and row["n_programs"] == 0 and np.isnan(v):
                 continue  # no gene program above the threshold: nothing to test for enrichment
+            if method == "no change" and metric.startswith("pearson_delta"):
+                assert np.isnan(v), f"{where} {method}/{metric} = {v}"  # undefined: a predicted change of 0
+                continue
             assert np.isfinite(v), f"{where} {method}/{metric} = {v}"
-            if metric in UNIT_INTERVAL:
+            if metric in UNIT_INTERVAL and metric != "ARI_cell":  # ARI dips below 0 on random clusterings
                 assert 0.0 <= v <= 1.0, f"{where} {method}/{metric} = {v}"
             if metric in SIGNED_UNIT or metric == "ARI_cell":
                 assert -1.0 <= v <= 1.0, f"{where} {method}/{metric} = {v}"
@@ -51,6 +55,9 @@ def test_suite_scores_every_task_on_real_data(suite_run):
         _check_table(df, f"{task}/{dataset}")
         assert f"**{task}** on `{dataset}`" in printed  # the CLI prints every score table
         assert {"scGPT", "scGPT random init"} <= set(df.index)
+    # the fixture model was pretrained on every blood cell of the demo atlas: each table on it says so
+    in_atlas = [d for _, d in SUITE if d in ("pbmc3k", "symphony", "pbmc_cite")]
+    assert printed.count("*not held out: the model was pretrained on") == len(in_atlas) >= 5
     ann = pd.read_csv(out / "annotation_pbmc3k" / "scores_annotation_pbmc3k.csv", index_col=0)
     assert {"accuracy", "precision", "recall", "macro_f1"} <= set(ann.columns) and "logreg on PCA" in ann.index
     integ = pd.read_csv(out / "integration_symphony" / "scores_integration_symphony.csv", index_col=0)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import tempfile
 from importlib.metadata import PackageNotFoundError, version as pkg_version
@@ -187,6 +188,8 @@ def load_registered_model(uri: str, tracking_uri: str | None = None, map_locatio
         mlflow.set_tracking_uri(where["tracking_uri"])
         mlflow.set_registry_uri(where["tracking_uri"])  # models:/ downloads go through the registry
         dest = Path(tempfile.mkdtemp(prefix="scgpt-model-"))
+        # one line per downloaded file otherwise, dozens per model load, on every evaluate
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
         ver_uri = f"models:/{where['model_name']}/{where['version']}"
         try:
             local = Path(mlflow.artifacts.download_artifacts(artifact_uri=ver_uri, dst_path=str(dest),
