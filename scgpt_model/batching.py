@@ -313,29 +313,47 @@ def collate_all_genes(genes: np.ndarray | Sequence[np.ndarray], values: np.ndarr
     return assemble(cells, backend=backend, batch_labels=batch_labels, celltype_labels=celltype_labels)
 
 
-def collate_perturbation(genes: np.ndarray, control_values: np.ndarray, target_values: np.ndarray,
-                         perturbed: np.ndarray, *, backend: Backend = "sdpa",
-                         max_seq_len: int | None = None, seed: int | np.random.Generator = 0) -> ModelBatch:
+def collate_perturbation(genes: np.ndarray | Sequence[np.ndarray], control_values, target_values, perturbed, *,
+                         measured=None, backend: Backend = "sdpa", max_seq_len: int | None = None,
+                         seed: int | np.random.Generator = 0) -> ModelBatch:
     """Perturb-GEP batch (§4.4, §4.5): a control cell in, its paired perturbed cell as target.
 
-    ``genes`` (G,) shared ids; ``control_values``/``target_values`` (B, G) bins; ``perturbed``
-    (B, G) condition tokens (1 = this gene is perturbed in this cell, 0 = not). Every gene is
-    known (input = control value) and every gene carries loss (target = perturbed value).
+    ``genes``: (G,) ids shared by all cells, or one array per cell (a cell may carry extra tokens,
+    e.g. a perturbed gene the assay did not measure); ``control_values`` / ``target_values``: the
+    input and target values, (B, G) or one array per cell; ``perturbed``: condition tokens, same
+    shape (1 = this gene is perturbed in this cell, 0 = not). Every gene is known (input = the
+    control value) and carries loss (target = the perturbed value), except where ``measured`` (same
+    shape, bool; None = everything measured) is False: such a token has no observed value, so its
+    input value is the mask value and it is left out of the loss (and of any score).
+
+    Cells longer than ``max_seq_len`` are sub-sampled (seeded) among their unperturbed genes only:
+    every perturbed gene keeps its token and flag, since the flag is the condition (official scGPT
+    #298 dropped them), and the cell still has at most ``max_seq_len`` genes.
     """
-    control_values, target_values = np.asarray(control_values), np.asarray(target_values)
-    perturbed = np.asarray(perturbed)
-    if not (control_values.shape == target_values.shape == perturbed.shape) or control_values.shape[1] != len(genes):
-        raise ValueError("control_values, target_values and perturbed must all be (n_cells, n_genes) "
-                         f"with n_genes = len(genes) = {len(genes)}")
+    shared = isinstance(genes, np.ndarray) and genes.ndim == 1 and np.issubdtype(genes.dtype, np.integer)
+    n_cells = len(control_values)
+    if len(target_values) != n_cells or len(perturbed) != n_cells or (measured is not None and len(measured) != n_cells):
+        raise ValueError("control_values, target_values, perturbed (and measured) must list the same cells")
+    if not shared and len(genes) != n_cells:
+        raise ValueError(f"genes: one (G,) array for all cells or one array per cell ({n_cells}), got {len(genes)}")
     rng = as_generator(seed)
     cells = []
-    for i in range(control_values.shape[0]):
-        keep = subsample(len(genes), max_seq_len, rng)
-        # perturbed genes are always kept: they are the condition
-        keep = np.union1d(keep, np.flatnonzero(perturbed[i]))
-        n = len(keep)
-        cells.append(CellTokens(genes=np.asarray(genes)[keep], values=control_values[i, keep].astype(np.float32),
-                                targets=target_values[i, keep].astype(np.float32),
-                                unknown=np.zeros(n, dtype=bool), masked=np.zeros(n, dtype=bool),
-                                loss=np.ones(n, dtype=bool), condition=perturbed[i, keep].astype(np.int64)))
+    for i in range(n_cells):
+        g = np.asarray(genes if shared else genes[i])
+        x, y, f = (np.asarray(a[i]) for a in (control_values, target_values, perturbed))
+        m = np.ones(len(g), dtype=bool) if measured is None else np.asarray(measured[i], dtype=bool)
+        if not (x.shape == y.shape == f.shape == m.shape == g.shape):
+            raise ValueError(f"cell {i}: control, target, perturbed and measured must each have one entry per gene "
+                             f"({len(g)} genes; got {x.shape}, {y.shape}, {f.shape}, {m.shape})")
+        flagged = np.flatnonzero(f)
+        keep = np.arange(len(g))
+        if max_seq_len is not None and len(g) > max_seq_len:
+            rest = np.setdiff1d(keep, flagged)  # perturbed genes are always kept: they are the condition
+            room = max(max_seq_len - flagged.size, 0)
+            keep = np.union1d(flagged, rest[subsample(rest.size, room, rng)])
+        m = m[keep]
+        cells.append(CellTokens(genes=g[keep], values=np.where(m, x[keep], 0).astype(np.float32),
+                                targets=np.where(m, y[keep], 0).astype(np.float32),
+                                unknown=np.zeros(keep.size, dtype=bool), masked=~m, loss=m.copy(),
+                                condition=f[keep].astype(np.int64)))
     return assemble(cells, backend=backend)
