@@ -125,6 +125,19 @@ def _collate(data: PreparedData, dense: np.ndarray, idx: np.ndarray, *, mask_rat
                              celltype_labels=None if labels is None else labels[idx])
 
 
+def train_step(model: ScGPT, opt: torch.optim.Optimizer, loss: torch.Tensor, grad_clip: float,
+               sched: torch.optim.lr_scheduler.LRScheduler | None = None) -> float:
+    """One optimizer step on ``loss`` (gradients clipped to ``grad_clip``); returns the loss as a float.
+    Every fine-tuning loop (annotation, integration, multi-omic, perturbation) steps through here."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    opt.step()
+    if sched is not None:
+        sched.step()
+    return float(loss.detach())
+
+
 def _fmt_s(sec: float) -> str:
     sec = int(round(sec))
     return f"{sec // 3600}h{sec % 3600 // 60:02d}m" if sec >= 3600 else f"{sec // 60}m{sec % 60:02d}s"
@@ -178,15 +191,9 @@ def fine_tune(pretrained: ScGPT | None, base_cfg: ModelConfig, data: PreparedDat
                 continue  # ECS and DSBN's batch norm need at least two cells
             batch = _collate(data, dense, idx, mask_ratio=mask, seed=rng, backend=backend,
                              labels=labels, batches=batches).to(ft.device)
-            loss = model(batch).loss.total
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), ft.grad_clip)
-            opt.step()
-            sched.step()
-            tot += float(loss.detach()) * idx.size
+            tot += train_step(model, opt, model(batch).loss.total, ft.grad_clip, sched) * idx.size
             n += idx.size
-            if sched.last_epoch == 3 and total > 3:  # last_epoch counts the scheduler's steps  # a measured, not guessed, estimate of the whole fine-tune
+            if sched.last_epoch == 3 and total > 3:  # after 3 scheduler steps: a measured estimate of the whole run
                 est = (time.perf_counter() - t_start) / 3 * total * (1 + ft.val_fraction)
                 msg = (f"fine-tune {name} {ft.task}: estimated {_fmt_s(est)} on {ft.device} "
                        f"({epochs} epochs x {steps_per_epoch} steps, {data.n_genes} genes per cell)")

@@ -21,12 +21,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 
 from scgpt_model.batching import collate_generative
 from scgpt_model.model import ScGPT
-from scgpt_model.schema import BINS, GENES, SOMA_JOINID
 
 UNKNOWN_RATIOS = (0.25, 0.5, 0.75)  # the pretraining protocol's (training.config DataConfig)
 
@@ -55,17 +53,12 @@ class GepScores:
 
 
 def _read_shards(shards: str | Path, *, validation: bool) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    from shardset import Manifest
+    """(genes, bins) of one split of a shard set, read as training reads it (``training.data``:
+    the manifest's split rule, the shard decoder)."""
+    from training.data import ShardStore, build_index
 
-    m = Manifest.load(shards)
-    genes, bins = [], []
-    for entry in m.shards:
-        t = pq.read_table(Path(shards) / entry.path, columns=[SOMA_JOINID, GENES, BINS])
-        val = m.split_of(t.column(SOMA_JOINID).to_numpy())
-        g, b = t.column(GENES).to_pylist(), t.column(BINS).to_pylist()
-        for i in np.flatnonzero(val == validation):
-            genes.append(np.asarray(g[i], dtype=np.int64))
-            bins.append(np.asarray(b[i], dtype=np.int64))
+    index = build_index(shards)[1 if validation else 0]
+    genes, bins, _ = ShardStore(index).cells(np.arange(len(index)))
     return genes, bins
 
 

@@ -28,7 +28,7 @@ import torch
 
 from eval import baselines, metrics, plots
 from eval.errors import EvalError
-from eval.finetune import RANDOM_INIT_SEED_OFFSET
+from eval.finetune import RANDOM_INIT_SEED_OFFSET, train_step
 from eval.multiomic_data import (SHIPPED_NAME, MultiomicData, clr, load_input, prepare_multiomic,
                                  resolve_keys)
 from eval.report import TaskResult
@@ -171,11 +171,7 @@ def fine_tune(m: MultiomicModel, t: Tokens, cfg: MultiomicConfig, name: str = ""
             if idx.size < 2:
                 continue  # DAR's batch statistics need two cells
             loss = _loss(model, _collate(t, idx, mask_ratio=cfg.mask_ratio, seed=rng, with_batches=True).to(cfg.device))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            opt.step()
-            tot += float(loss.detach()) * idx.size
+            tot += train_step(model, opt, loss, cfg.grad_clip) * idx.size
             seen += idx.size
         sched.step()
         val = _val(model, t, val_idx, cfg)

@@ -31,7 +31,7 @@ import torch
 
 from eval import perturbation_scores as ps
 from eval.errors import EvalError
-from eval.finetune import build_task_model, default_lr
+from eval.finetune import build_task_model, default_lr, train_step
 from eval.perturbation_data import PerturbData, prepare_perturbation, resolve
 from eval.report import TaskResult, markdown_table
 from scgpt_model.batching import ModelBatch, collate_perturbation
@@ -191,13 +191,7 @@ def fine_tune(pretrained: ScGPT | None, base_cfg: ModelConfig, data: PerturbData
             rows, inp = order[s:s + cfg.batch_size], partners[s:s + cfg.batch_size]
             b = tok.batch(data.conditions[rows], inp, rows, max_seq_len=mcfg.max_seq_len, rng=rng,
                           backend=backend).to(cfg.device)
-            loss = model(b).loss.total
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            opt.step()
-            sched.step()
-            tot += float(loss.detach()) * rows.size
+            tot += train_step(model, opt, model(b).loss.total, cfg.grad_clip, sched) * rows.size
             n += rows.size
         val = _val_score(model, tok, data, split.val, pool, cfg, ctrl_mean, obs)
         sec = time.perf_counter() - t0
