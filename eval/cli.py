@@ -7,35 +7,57 @@
 
 Bad input (a model URI that does not resolve, a dataset with no genes in the vocabulary,
 a missing key, one batch only, log-normalized data) exits with code 2 and one clear message.
+
+Only argparse and the standard library load before a command runs (``--help`` and ``--version``
+stay fast): the evaluation stack (torch, scanpy, MLflow) is imported inside the commands.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import logging
 import sys
 from pathlib import Path
 
-from eval import tasks
 from eval.errors import EvalError
 
 log = logging.getLogger(__name__)
+
+# The task names, here so that parsing needs no torch; tests/test_cli_conventions.py binds them to eval.tasks.TASKS.
+TASKS = ("annotation", "integration", "zero-shot", "gene-network", "multiomic", "perturbation")
+COMMANDS = """commands:
+  evaluate --model M --task T --dataset D [...]   fine-tune / embed and score M on one task (this help)
+  evaluate suite --model M [...]                  every task on its shipped datasets (evaluate suite --help)
+  evaluate gep --model M --shards S [...]         held-out generative loss vs trivial predictors (evaluate gep --help)
+"""
+
+
+def version() -> str:
+    """The installed package's version (package metadata), for ``--version``."""
+    try:
+        return importlib.metadata.version("scgpt-census")
+    except importlib.metadata.PackageNotFoundError:  # a checkout run without `pip install -e .`
+        return "unknown (not installed)"
 
 
 def _parser(suite: bool) -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="evaluate suite" if suite else "evaluate",
         description=("Run every task on its default datasets" if suite else
-                     "Fine-tune / embed and score a model on one task") + "; logs to MLflow.")
+                     "Fine-tune / embed and score a model on one task") + "; logs to MLflow. "
+                    "Commands: evaluate, evaluate suite, evaluate gep (below).",
+        epilog=COMMANDS, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--version", action="version", version=f"evaluate {version()}")
     ap.add_argument("--model", required=True,
                     help="models:/<name>/<version>, models:/<name>@<alias>, or a checkpoint folder")
     if suite:
-        ap.add_argument("--task", action="append", default=[], choices=tasks.TASKS,
+        ap.add_argument("--task", action="append", default=[], choices=TASKS,
                         help="run only these tasks of the suite (repeatable; default: all)")
         ap.add_argument("--held-out-only", action="store_true",
                         help="skip the suite's datasets the model was pretrained on (its lineage.json)")
     if not suite:
-        ap.add_argument("--task", required=True, choices=tasks.TASKS)
+        ap.add_argument("--task", required=True, choices=TASKS, help="the task to run: %(choices)s")
         ap.add_argument("--dataset", required=True, help="an .h5ad file with raw counts, or a shipped "
                         "dataset: pbmc3k, symphony; multiomic: a MuData .h5mu, an .h5ad with proteins in "
                         "obsm, or pbmc_cite; perturbation: a CRISPR screen .h5ad or papalexi")
@@ -68,14 +90,15 @@ def _parser(suite: bool) -> argparse.ArgumentParser:
     ap.add_argument("--min-steps", type=int, default=0,
                     help="fine-tuning: at least this many optimizer steps (more epochs for a small reference)")
     ap.add_argument("--n-hvg", type=int, help="HVGs (default: paper's 3000 annotation, 1200 integration)")
-    ap.add_argument("--max-cells", type=int, default=0, help="subsample cells (seeded); 0 = all")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--max-cells", type=int, default=0, help="subsample cells (seeded), an integer >= 0; 0 = all")
+    ap.add_argument("--seed", type=int, default=0, help="seed of splits, subsampling, fine-tuning and the random-init "
+                    "twin, any integer (default: %(default)s)")
     ap.add_argument("--no-random-init", action="store_true",
                     help="skip the from-scratch rows (same architecture, random weights)")
-    ap.add_argument("--no-plots", action="store_true")
-    ap.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    ap.add_argument("--no-plots", action="store_true", help="skip UMAPs, confusion matrices and network figures")
+    ap.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda when available; default: auto)")
     ap.add_argument("--out", type=Path, help="also keep score tables and plots in this folder")
-    ap.add_argument("-v", "--verbose", action="store_true")
+    ap.add_argument("-v", "--verbose", action="store_true", help="info-level logs of every library, not only eval's")
     return ap
 
 
@@ -83,15 +106,19 @@ def _gep_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="evaluate gep", description=(
         "Held-out generative loss (GEP MSE in bins on cells the model never trained on) against the "
         "per-gene-mean and cell-mean predictors: does pretraining predict expression from context?"))
+    ap.add_argument("--version", action="version", version=f"evaluate {version()}")
     ap.add_argument("--model", required=True, help="models:/<name>/<version> or a checkpoint folder")
     ap.add_argument("--shards", required=True, type=Path,
                     help="the shard set the model was pretrained on (its training cells fit the per-gene mean; "
                          "its validation cells are scored)")
     ap.add_argument("--dataset", action="append", default=[],
                     help="also score the expressed genes of this dataset (shipped name or .h5ad); repeatable")
-    ap.add_argument("--max-cells", type=int, default=2000, help="cells per scored set (seeded); default 2000")
-    ap.add_argument("--tracking-uri")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--max-cells", type=int, default=2000, help="cells per scored set (seeded), an integer >= 1; "
+                    "default 2000")
+    ap.add_argument("--tracking-uri", help="MLflow tracking URI of a models:/ URI (default: $MLFLOW_TRACKING_URI, "
+                    "else sqlite:///./mlflow.db)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the cell sample and the masks, any integer "
+                    "(default: %(default)s)")
     return ap
 
 
@@ -148,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(args: argparse.Namespace, suite: bool) -> int:
+    from eval import tasks
     from eval.api import ScGPTModel, default_device
     from eval.report import combine_markdown, plain_summary
     from eval.runner import evaluate, evaluate_suite

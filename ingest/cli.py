@@ -6,6 +6,7 @@ Bad input exits with code 2 and one message naming the fix (SPEC §7).
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import logging
 import os
@@ -16,9 +17,21 @@ from ingest.errors import USAGE_EXIT_CODE, IngestError
 log = logging.getLogger("ingest")
 
 
+ORGANISMS = "Homo sapiens or Mus musculus in the public Census; a local store: the organism it was built with"
+
+
+def version() -> str:
+    """The installed package's version (package metadata), for ``--version``."""
+    try:
+        return importlib.metadata.version("scgpt-census")
+    except importlib.metadata.PackageNotFoundError:  # a checkout run without `pip install -e .`
+        return "unknown (not installed)"
+
+
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="ingest", description="CELLxGENE Census -> binned Parquet shards for scGPT")
-    ap.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    ap.add_argument("--version", action="version", version=f"%(prog)s {version()}")
+    ap.add_argument("-v", "--verbose", action="store_true", help="debug logging (per-stage wall/CPU seconds)")
     sub = ap.add_subparsers(dest="cmd", required=True)
 
     c = sub.add_parser("census", help="query a Census (public or local) and write binned shards")
@@ -26,7 +39,7 @@ def _parser() -> argparse.ArgumentParser:
     src.add_argument("--census-uri", help="a local Census copy or a store from build-census/build-demo")
     src.add_argument("--census-version", default="stable", help="public Census release (default: stable); "
                      "ignored when --census-uri is given")
-    src.add_argument("--organism", default="Homo sapiens")
+    src.add_argument("--organism", default="Homo sapiens", help=f"{ORGANISMS} (default: %(default)s)")
     q = c.add_argument_group("query")
     q.add_argument("--tissue", action="append", default=[], help="tissue_general value; repeat for several (OR)")
     q.add_argument("--disease", action="append", default=[], help="disease value; repeatable (OR)")
@@ -35,44 +48,55 @@ def _parser() -> argparse.ArgumentParser:
                    help="raw SOMA value filter, ANDed with the rest; repeatable")
     q.add_argument("--include-non-primary", action="store_true",
                    help="also take is_primary_data == False cells (duplicates of cells in other datasets)")
-    q.add_argument("--min-genes", type=int, default=1, help="minimum nonzero genes (in the vocabulary) per cell")
-    q.add_argument("--max-cells", type=int, default=None, help="a seeded sample of this many cells (quick runs)")
+    q.add_argument("--min-genes", type=int, default=1, help="minimum nonzero genes (in the vocabulary) per cell, "
+                   "an integer >= 0 (default: %(default)s)")
+    q.add_argument("--max-cells", type=int, default=None, help="a seeded sample of this many cells, an integer >= 1 "
+                   "(quick runs; default: all)")
     t = c.add_argument_group("tokens")
-    t.add_argument("--n-bins", type=int, default=51)
-    t.add_argument("--vocab", help="reuse this vocab.json (ours or an official scGPT one)")
+    t.add_argument("--n-bins", type=int, default=51, help="expression bins per cell (paper eq. 2), an integer "
+                   "from 3 to 256 (stored as uint8; default: %(default)s, the paper's)")
+    t.add_argument("--vocab", help="reuse this vocab.json (ours or an official scGPT one; default: the store's genes)")
     t.add_argument("--gene-key", choices=["feature_id", "feature_name"], default=None,
-                   help="match genes by Ensembl id (default) or symbol")
+                   help="match genes by Ensembl id (feature_id) or symbol (feature_name); "
+                   "default: the --vocab's key, else feature_id")
     o = c.add_argument_group("output and execution")
     o.add_argument("--out", required=True, help="shard directory (created; re-run with same args to resume)")
-    o.add_argument("--cells-per-shard", type=int, default=10_000)
-    o.add_argument("--seed", type=int, default=0)
-    o.add_argument("--val-fraction", type=float, default=0.03)
+    o.add_argument("--cells-per-shard", type=int, default=10_000, help="cells per Parquet shard (one Ray task "
+                   "each; bounds worker memory), an integer >= 1 (default: %(default)s)")
+    o.add_argument("--seed", type=int, default=0, help="seed of the binning tie draws, the validation split and "
+                   "--max-cells sampling, any integer (default: %(default)s)")
+    o.add_argument("--val-fraction", type=float, default=0.03, help="share of cells held out for validation, "
+                   "in [0, 1) (default: %(default)s, the paper's 97/3 split)")
     o.add_argument("--ray-address", default=None, help="an existing Ray cluster (default: start a local one)")
-    o.add_argument("--num-cpus", type=int, default=None, help="CPUs for the local Ray (default: all)")
+    o.add_argument("--num-cpus", type=int, default=None, help="CPUs for the local Ray, an integer >= 1 (default: all)")
 
     b = sub.add_parser("build-census", help="write a Census-layout store from .h5ad files")
     b.add_argument("--h5ad", action="append", required=True, help="an AnnData file with raw counts; repeatable")
-    b.add_argument("--out", required=True)
-    b.add_argument("--layer", default=None, help="take counts from this layer instead of X")
+    b.add_argument("--out", required=True, help="folder of the new store (must not exist)")
+    b.add_argument("--layer", default=None, help="take raw counts from this layer of every file (default: X)")
     b.add_argument("--set", action="append", default=[], metavar="COLUMN=VALUE",
                    help="value for a Census obs column the sources lack, e.g. --set tissue_general=blood")
-    b.add_argument("--organism", default="Homo sapiens")
+    b.add_argument("--organism", default="Homo sapiens", help="organism recorded in the store (its Experiment "
+                   "name), e.g. Homo sapiens or Mus musculus (default: %(default)s)")
 
     s = sub.add_parser("synth-census", help="write a synthetic Census-layout store (scale tests)")
-    s.add_argument("--cells", type=int, required=True)
-    s.add_argument("--genes", type=int, default=20_000)
-    s.add_argument("--mean-genes", type=float, default=1500.0, help="median genes detected per cell")
-    s.add_argument("--chunk-cells", type=int, default=5000)
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--out", required=True)
+    s.add_argument("--cells", type=int, required=True, help="cells to write, an integer >= 1")
+    s.add_argument("--genes", type=int, default=20_000, help="genes in var, an integer >= 1 (real Ensembl ids "
+                   "first; default: %(default)s)")
+    s.add_argument("--mean-genes", type=float, default=1500.0, help="median genes detected per cell, > 0 "
+                   "(default: %(default)s)")
+    s.add_argument("--chunk-cells", type=int, default=5000, help="cells generated and written per step (bounds "
+                   "memory), an integer >= 1 (default: %(default)s)")
+    s.add_argument("--seed", type=int, default=0, help="seed of the generator, any integer (default: %(default)s)")
+    s.add_argument("--out", required=True, help="folder of the new store")
 
     d = sub.add_parser("build-demo", help="write the demo atlas (real PBMCs + synthetic lung/brain cells)")
-    d.add_argument("--out", required=True)
+    d.add_argument("--out", required=True, help="folder of the demo atlas")
     d.add_argument("--no-reuse", action="store_true", help="always build (fails if --out exists); default: keep an "
                    "existing complete demo atlas at --out")
 
     v = sub.add_parser("validate", help="re-check a shard set against its manifest")
-    v.add_argument("path")
+    v.add_argument("path", help="a shard folder written by `ingest census` (manifest.json, vocab.json, shards/)")
     v.add_argument("--no-checksums", action="store_true", help="skip sha256 (faster on large sets)")
     return ap
 

@@ -18,6 +18,8 @@ import yaml
 from training.errors import TrainUsageError
 
 Precision = Literal["auto", "fp32", "bf16"]
+Optimizer = Literal["torch", "cpu_adam", "fused_adam"]
+ZERO_STAGES = (1, 2, 3)
 
 
 @dataclass(kw_only=True)
@@ -65,7 +67,7 @@ class DeepSpeedSection:
     precision: Precision = "auto"  # auto: bf16 on GPU, fp32 on CPU
     # torch: torch.optim.AdamW (no compiled ops; works everywhere). cpu_adam / fused_adam build
     # DeepSpeed's ops with ninja into TORCH_EXTENSIONS_DIR on first use.
-    optimizer: Literal["torch", "cpu_adam", "fused_adam"] = "torch"
+    optimizer: Optimizer = "torch"
     offload_optimizer: bool = False  # ZeRO-Offload of optimizer states to CPU (with cpu_adam)
 
 
