@@ -50,7 +50,7 @@ def pretrain(presets: list[str], work: Path, cells: int, epochs: int) -> tuple[s
     (local Ray, 2 workers, DeepSpeed ZeRO-2 on CPU); returns (tracking URI, preset -> models:/ URI)."""
     from ingest.demo import build_demo
 
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "MASTER_ADDR": "127.0.0.1", "RAY_USAGE_STATS_ENABLED": "0",
+    env = {**os.environ,  # Ray's settings: ingest and train set them themselves (localray.prepare)
            "RAY_ADDRESS": "local",  # always a fresh local Ray, never a cluster someone started on this machine
            "TORCH_EXTENSIONS_DIR": str(ROOT / ".cache" / "torch_extensions")}
     census = build_demo(work / "census")

@@ -45,9 +45,7 @@ RESULTS_DIR = REPO / "benchmarks" / "results"
 
 
 def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(RAY_AUTH_MODE="disabled", MASTER_ADDR="127.0.0.1", RAY_USAGE_STATS_ENABLED="0")
-    return env
+    return dict(os.environ)  # Ray's settings: ingest sets them itself (localray.prepare)
 
 
 class TreeRSS:

@@ -19,7 +19,7 @@ def ensure_demo_shards(root: Path = Path("/tmp/scgpt-bench")) -> Path:
     shards = root / "shards_blood"
     if (shards / "manifest.json").exists():
         return shards
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "MASTER_ADDR": "127.0.0.1"}
+    env = dict(os.environ)  # Ray's settings: ingest sets them itself (localray.prepare)
     root.mkdir(parents=True, exist_ok=True)
     subprocess.run([BIN / "ingest", "build-demo", "--out", str(root / "census")], check=True, env=env)
     subprocess.run([BIN / "ingest", "census", "--census-uri", str(root / "census"), "--tissue", "blood",

@@ -31,7 +31,7 @@ def run(preset: str, workers: int, shards: Path, work: Path) -> dict:
            "--cpus-per-worker", "1", "--max-steps", str(STEPS[preset]), "--checkpoint-every", "1000",
            "--val-every", "1000", "--tracking-uri", uri, "--storage-path", str(work / "runs"), "--run-name", name,
            "--no-register", "--experiment", "bench"]
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "MASTER_ADDR": "127.0.0.1"}
+    env = dict(os.environ)  # Ray's settings: train sets them itself (localray.prepare)
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t0

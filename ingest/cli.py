@@ -9,9 +9,9 @@ import argparse
 import importlib.metadata
 import json
 import logging
-import os
 import sys
 
+import localray
 from ingest.errors import USAGE_EXIT_CODE, IngestError
 
 log = logging.getLogger("ingest")
@@ -144,13 +144,15 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    for k, v in (("RAY_AUTH_MODE", "disabled"), ("MASTER_ADDR", "127.0.0.1"), ("RAY_USAGE_STATS_ENABLED", "0")):
-        os.environ.setdefault(k, v)
+    localray.prepare(getattr(args, "ray_address", None))  # before anything imports ray
     try:
         return _run(args)
     except IngestError as e:
         print(f"ingest {args.cmd}: error: {e}", file=sys.stderr)
         return USAGE_EXIT_CODE
+    except localray.LocalRayError as e:  # not bad input: the machine could not start Ray
+        print(f"ingest {args.cmd}: error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -216,7 +216,7 @@ def _init_ray(cfg: IngestConfig) -> bool:
     """Start a local Ray (loopback only) unless one is running or --ray-address is given."""
     import ray
 
-    from ingest.localray import connect, start_local
+    from localray import connect, start_local
 
     if ray.is_initialized():
         return False

@@ -10,7 +10,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-export PATH="$PWD/.venv/bin:$PATH" RAY_AUTH_MODE=disabled MASTER_ADDR=127.0.0.1 RAY_USAGE_STATS_ENABLED=0
+export PATH="$PWD/.venv/bin:$PATH"  # Ray's environment: ingest and train set it (localray.prepare)
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$PWD/.cache/torch_extensions}
 OUT=${DEMO_OUT:-demo_out}
 mkdir -p "$OUT"

@@ -1,5 +1,5 @@
-"""A local Ray started by this project stays on loopback (GCS, raylet, workers), and the
-environment meant for its workers reaches them."""
+"""A local Ray started by this project stays on loopback (GCS, raylet, workers), the environment
+meant for its workers reaches them, and a start-up that fails under load is retried once."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import os
 
 import pytest
 
-from ingest.localray import LOOPBACK, is_loopback, start_local
+import localray
+from localray import LOOPBACK, LocalRayError, is_loopback, start_local
 
 
 @pytest.fixture
@@ -72,3 +73,49 @@ def test_a_ray_progress_bar_leaves_print_and_numba_working(ray_down, monkeypatch
         return numba.get_num_threads()
 
     assert threads() >= 1
+
+
+def test_a_failed_start_up_is_retried_once_with_a_longer_gcs_wait(ray_down, monkeypatch):
+    """A real failed start: a 0 s GCS wait cannot see the GCS publish its port (as a 30 s wait
+    could not on a loaded machine). The GCS that attempt started is stopped; the retry comes up."""
+    ray = ray_down
+    monkeypatch.setenv("RAY_gcs_server_port_wait_time_s", "0")
+    attempts = []
+    real_init = ray.init
+
+    def counting_init(**kw):
+        attempts.append(os.environ["RAY_gcs_server_port_wait_time_s"])
+        return real_init(**kw)
+
+    monkeypatch.setattr(ray, "init", counting_init)
+    start_local(num_cpus=1)
+    assert attempts == ["0", str(localray.RETRY_GCS_WAIT_S)]
+    assert os.environ["RAY_gcs_server_port_wait_time_s"] == "0"  # the caller's value is back
+    assert ray.get_runtime_context().gcs_address.startswith(f"{LOOPBACK}:")
+    gcs_servers = [p for p in localray._ray_children().values() if "gcs_server" in p.cmdline()[0]]
+    assert len(gcs_servers) == 1, "the first attempt's GCS was left running"
+
+
+def test_a_second_failed_start_up_raises_one_message_naming_what_to_do(ray_down, monkeypatch):
+    ray = ray_down
+
+    def failing_init(**kw):
+        raise RuntimeError("The current node timed out during startup.")
+
+    monkeypatch.setattr(ray, "init", failing_init)
+    with pytest.raises(LocalRayError) as e:
+        start_local(num_cpus=1)
+    msg = str(e.value)
+    assert "twice" in msg and "timed out during startup" in msg
+    assert f"--ray-address {LOOPBACK}:6379" in msg and "ray start --head" in msg
+    assert not ray.is_initialized()
+
+
+def test_prepare_keeps_cluster_mode_for_a_remote_cluster(monkeypatch):
+    for k in (*localray.ENV, *localray.LOCAL_ENV):
+        monkeypatch.delenv(k, raising=False)
+    localray.prepare("10.0.0.5:6379")
+    assert os.environ["RAY_AUTH_MODE"] == "disabled" and "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER" not in os.environ
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")  # a user's own value wins
+    localray.prepare(None)
+    assert os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "0" and os.environ["RAY_AUTH_MODE"] == "token"

@@ -13,6 +13,7 @@ import sys
 import typing
 from pathlib import Path
 
+import localray
 from training.config import PRESETS, ZERO_STAGES, Optimizer, Precision, TrainConfig, load_config
 from training.errors import TrainUsageError
 
@@ -117,8 +118,6 @@ def config_from_args(args: argparse.Namespace, base: TrainConfig | None = None) 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=os.environ.get("LOGLEVEL", "INFO"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.cwd() / ".cache" / "torch_extensions"))
     args = build_parser().parse_args(argv)
     try:
@@ -134,12 +133,16 @@ def main(argv: list[str] | None = None) -> int:
             base = TrainConfig.from_dict(json.loads((ckpt / STATE_FILE).read_text())["train"])
             args.resume = str(ckpt)
         cfg = config_from_args(args, base)
+        localray.prepare(cfg.cluster.ray_address)  # before anything imports ray
         from training.launch import run_pretrain
 
         res = run_pretrain(cfg, resume=args.resume)
     except TrainUsageError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
+    except localray.LocalRayError as e:  # not bad input: the machine could not start Ray
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 1
     print(f"model: {res.model_uri or '(not registered)'}  run: {res.run_id}  tracking: {res.tracking_uri}", flush=True)
     return 0
 

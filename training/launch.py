@@ -127,12 +127,11 @@ def check_resources(cfg: TrainConfig) -> None:
 
 def _start_ray(cfg: TrainConfig) -> bool:
     """Connect to --ray-address, or start a local Ray bound to loopback. True when we started it."""
+    from localray import connect, prepare, start_local
+
+    prepare(cfg.cluster.ray_address)  # a no-op after `train`'s own call; first for Python callers
     import ray
 
-    from ingest.localray import connect, start_local
-
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     if ray.is_initialized():
         return False
     if cfg.cluster.ray_address:
