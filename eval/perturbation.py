@@ -41,7 +41,7 @@ from scgpt_model.model import ScGPT
 log = logging.getLogger(__name__)
 
 MODEL, RANDOM = "scGPT", "scGPT random init"
-LINEAR, TRAIN_MEAN, NO_CHANGE = "linear (PCA)", "train mean", "no change"
+LINEAR, LINEAR_EMB, TRAIN_MEAN, NO_CHANGE = "linear (PCA)", "linear (scGPT emb.)", "train mean", "no change"
 N_SPLITS = 5  # the issue: five split seeds by default
 N_PRED_CONTROLS = 256  # control cells whose predictions are averaged into a perturbation's profile
 
@@ -55,6 +55,7 @@ class PerturbConfig:
     weight_decay: float = 0.01
     batch_size: int = 32  # §4.8
     grad_clip: float = 1.0
+    min_steps: int = 0  # a floor on optimizer steps (epochs are raised to reach it), as eval.finetune
     n_pred_controls: int = N_PRED_CONTROLS
     seed: int = 0
     device: str = "cpu"
@@ -170,7 +171,8 @@ def fine_tune(pretrained: ScGPT | None, base_cfg: ModelConfig, data: PerturbData
     obs = {p: data.expr[data.cells_of(p)].mean(axis=0) for p in split.val}
     lr = cfg.lr if cfg.lr is not None else default_lr(mcfg.d_model)
     steps_per_epoch = -(-train_rows.size // cfg.batch_size)
-    total = steps_per_epoch * cfg.epochs
+    epochs = max(cfg.epochs, -(-cfg.min_steps // steps_per_epoch))
+    total = steps_per_epoch * epochs
     warmup = max(1, int(round(cfg.warmup_fraction * total))) if cfg.warmup_fraction > 0 else 0
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -178,10 +180,10 @@ def fine_tune(pretrained: ScGPT | None, base_cfg: ModelConfig, data: PerturbData
     backend = model.collate_backend()
     log.info("perturbation fine-tune %s: %d training cells (%d perturbations + control) x %d genes, %d validation "
              "perturbations, %d epochs x %d steps, lr %.2g", name, train_rows.size, len(split.train), data.n_genes,
-             len(split.val), cfg.epochs, steps_per_epoch, lr)
+             len(split.val), epochs, steps_per_epoch, lr)
     best, best_state, best_epoch, history = -np.inf, None, 0, []
     t_start = time.perf_counter()
-    for epoch in range(1, cfg.epochs + 1):
+    for epoch in range(1, epochs + 1):
         t0 = time.perf_counter()
         model.train()
         order = train_rows[rng.permutation(train_rows.size)]
@@ -196,9 +198,9 @@ def fine_tune(pretrained: ScGPT | None, base_cfg: ModelConfig, data: PerturbData
         val = _val_score(model, tok, data, split.val, pool, cfg, ctrl_mean, obs)
         sec = time.perf_counter() - t0
         history.append({"epoch": epoch, "train_mse": tot / max(n, 1), "val_pearson_delta_de": val, "seconds": sec})
-        eta = (time.perf_counter() - t_start) / epoch * (cfg.epochs - epoch)
+        eta = (time.perf_counter() - t_start) / epoch * (epochs - epoch)
         log.info("perturbation fine-tune %s epoch %d/%d: train MSE %.4f, validation corr(delta) DE %.3f (%.1fs, ETA %.0fs)",
-                 name, epoch, cfg.epochs, tot / max(n, 1), val, sec, eta)
+                 name, epoch, epochs, tot / max(n, 1), val, sec, eta)
         if best_state is None or (np.isfinite(val) and val > best):
             best, best_epoch = (val if np.isfinite(val) else -np.inf), epoch
             best_state = copy.deepcopy(model.state_dict())
@@ -239,6 +241,13 @@ def _cols(data: PerturbData, p: str) -> list[int]:
     return [data.target_column[g] for g in data.targets[p] if data.target_column[g] >= 0]
 
 
+def _target_embeddings(model: ScGPT, data: PerturbData) -> dict[str, np.ndarray]:
+    """Pretrained token embedding of every target gene (all kept targets are in the vocabulary)."""
+    genes = sorted(data.target_token)
+    ids = torch.as_tensor([data.target_token[g] for g in genes])
+    return dict(zip(genes, model.gene_embeddings(ids).float().cpu().numpy()))
+
+
 def run_split(data: PerturbData, split: ps.Split, pretrained: ScGPT | None, base_cfg: ModelConfig,
               cfg: PerturbConfig, random_init: bool) -> tuple[dict[str, np.ndarray], dict]:
     """Predicted mean profiles (n_test, G) of every method on the split's test perturbations."""
@@ -252,8 +261,17 @@ def run_split(data: PerturbData, split: ps.Split, pretrained: ScGPT | None, base
         pm = fine_tune(init, base_cfg, data, split, cfg, name=f"{data.name}/split{split.seed}/{label}")
         preds[label] = predict_means(pm.model, Tokens(data), split.test, control_pool(data, cfg), cfg)
         info[label] = pm.best_epoch
-    preds[LINEAR] = ps.linear_baseline(ctrl, train_means, [_cols(data, p) for p in split.train],
-                                       [_cols(data, p) for p in split.test])
+    tr_cols, te_cols = [_cols(data, p) for p in split.train], [_cols(data, p) for p in split.test]
+    preds[LINEAR] = ps.linear_baseline(ctrl, train_means, tr_cols, te_cols)
+    # test perturbations none of whose targets is measured: linear (PCA) has no embedding for them and
+    # predicts its fitted offset (close to the training mean)
+    info["linear_fallback"] = [p for p, c in zip(split.test, te_cols) if not c]
+    if pretrained is not None:
+        emb = _target_embeddings(pretrained, data)
+        gene_emb = pretrained.gene_embeddings(torch.as_tensor(data.token_ids)).float().cpu().numpy()
+        preds[LINEAR_EMB] = ps.linear_baseline(ctrl, train_means, tr_cols, te_cols, gene_emb=gene_emb,
+                                               train_ext=[[emb[g] for g in data.unmeasured(p)] for p in split.train],
+                                               test_ext=[[emb[g] for g in data.unmeasured(p)] for p in split.test])
     preds[TRAIN_MEAN] = ps.train_mean(ctrl, train_means, n)
     preds[NO_CHANGE] = ps.no_change(ctrl, n)
     return preds, info
@@ -263,7 +281,8 @@ def run_perturbation(p, model, opts, outdir: Path) -> TaskResult:
     data: PerturbData = p.data
     n_splits = getattr(opts, "n_splits", N_SPLITS)
     cfg = PerturbConfig(epochs=opts.epochs, lr=opts.lr, warmup_fraction=opts.warmup_fraction,
-                        weight_decay=opts.weight_decay, batch_size=opts.batch_size, seed=opts.seed, device=opts.device)
+                        weight_decay=opts.weight_decay, batch_size=opts.batch_size, seed=opts.seed, device=opts.device,
+                        min_steps=getattr(opts, "min_steps", 0))
     ctrl = data.control_mean()
     rows, split_means, best_epochs = [], [], {}
     for k in range(n_splits):
@@ -271,6 +290,8 @@ def run_perturbation(p, model, opts, outdir: Path) -> TaskResult:
         log.info("perturbation split %d/%d (seed %d): %d train, %d validation, %d test perturbations (test: %s)",
                  k + 1, n_splits, split.seed, len(split.train), len(split.val), len(split.test), ", ".join(split.test))
         preds, info = run_split(data, split, model.model, model.config, cfg, opts.random_init)
+        fallback = info.pop("linear_fallback")
+        best_epochs[f"linear_fallback_split{k}"] = len(fallback)
         for label, be in info.items():
             best_epochs[f"best_epoch_{'model' if label == MODEL else 'random_init'}_split{k}"] = be
         per = []

@@ -12,6 +12,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 COLOURS = {"scGPT": "tab:red", "scGPT random init": "tab:orange", "linear (PCA)": "tab:blue",
+           "linear (scGPT emb.)": "tab:purple",
            "train mean": "tab:green", "no change": "tab:gray"}
 
 

@@ -15,7 +15,10 @@ mean change over the training perturbations); *linear* in the manner of Ahlmann-
 conditions), the training changes fitted as Y ≈ G W Pᵀ + b by ridge regression, where a
 perturbation's embedding P is the gene embedding of its target (summed over two targets); an
 unseen target is placed through its gene embedding, and a target without one (not measured)
-gets a zero embedding, i.e. the fitted offset b: the training mean.
+gets a zero embedding, i.e. the fitted offset b: (close to) the training mean. *linear (scGPT emb.)*
+is the same model where an unmeasured target gets an embedding after all: the pretrained model's
+token embedding of the target (every kept target is in the vocabulary), mapped into the PCA
+gene-embedding space by a ridge regression fitted on the measured genes (which have both).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import numpy as np
 METRICS = ("pearson", "pearson_delta", "pearson_de", "pearson_delta_de", "mse_de", "direction_de")
 LINEAR_DIM = 10  # Ahlmann-Eltze et al.: PCA dimension 10
 LINEAR_RIDGE = 0.1  # Ahlmann-Eltze et al.: ridge penalty 0.1
+EMB_RIDGE = 1.0  # ridge of the map from pretrained token embeddings to the PCA gene embeddings
 
 
 # ------------------------------------------------------------------------------------------------
@@ -132,25 +136,48 @@ def train_mean(ctrl: np.ndarray, train_means: np.ndarray, n: int) -> np.ndarray:
     return np.repeat((ctrl + delta)[None, :], n, axis=0)
 
 
+def embedding_map(gene_emb: np.ndarray, A: np.ndarray, ridge: float = EMB_RIDGE):
+    """A ridge map from pretrained token embeddings to the PCA gene embeddings, fitted on the measured
+    genes (rows of ``gene_emb`` and ``A`` are the same genes); returns a function (d,) -> (k,)."""
+    E = np.asarray(gene_emb, np.float64)
+    me, ma = E.mean(axis=0), A.mean(axis=0)
+    Ec = E - me
+    M = np.linalg.solve(Ec.T @ Ec + ridge * np.eye(E.shape[1]), Ec.T @ (A - ma))
+    return lambda e: (np.asarray(e, np.float64) - me) @ M + ma
+
+
 def linear_baseline(ctrl: np.ndarray, train_means: np.ndarray, train_cols: list[list[int]],
-                    test_cols: list[list[int]], dim: int = LINEAR_DIM, ridge: float = LINEAR_RIDGE) -> np.ndarray:
+                    test_cols: list[list[int]], dim: int = LINEAR_DIM, ridge: float = LINEAR_RIDGE, *,
+                    gene_emb: np.ndarray | None = None, train_ext: list[list[np.ndarray]] | None = None,
+                    test_ext: list[list[np.ndarray]] | None = None) -> np.ndarray:
     """Ahlmann-Eltze et al.'s linear model. ``train_means`` (n_train, G) pseudobulk profiles;
     ``*_cols``: per perturbation, the columns of its measured target genes ([] = no embedding).
+    With ``gene_emb`` (G, d), the pretrained token embeddings of the G measured genes, a target that
+    is not measured is placed too: ``*_ext`` hold, per perturbation, the pretrained embeddings of its
+    unmeasured targets, mapped into the PCA gene-embedding space by :func:`embedding_map`.
     Returns (n_test, G) predicted mean profiles."""
     X = np.vstack([ctrl[None, :], train_means]).T.astype(np.float64)  # (G, 1 + n_train): control included
     Xc = X - X.mean(axis=0, keepdims=True)  # PCA of the genes (rows), conditions centred
     U, S, _ = np.linalg.svd(Xc, full_matrices=False)
     k = min(dim, S.size)
     A = U[:, :k] * S[:k]  # (G, k) gene embeddings
+    to_pca = embedding_map(gene_emb, A) if gene_emb is not None else None
 
-    def emb(cols: list[int]) -> np.ndarray:
-        return A[cols].sum(axis=0) if cols else np.zeros(k)
+    def emb(cols: list[int], ext: list[np.ndarray]) -> np.ndarray:
+        e = A[cols].sum(axis=0) if cols else np.zeros(k)
+        if to_pca is not None:
+            for v in ext:
+                e = e + to_pca(v)
+        return e
 
-    B = np.stack([np.zeros(k)] + [emb(c) for c in train_cols], axis=1)  # (k, 1 + n_train)
+    tr_ext = train_ext or [[] for _ in train_cols]
+    te_ext = test_ext or [[] for _ in test_cols]
+    B = np.stack([np.zeros(k)] + [emb(c, x) for c, x in zip(train_cols, tr_ext)], axis=1)  # (k, 1 + n_train)
     Y = X - ctrl[:, None]  # (G, 1 + n_train) changes; the control's is 0
     center = Y.mean(axis=1, keepdims=True)
     Yc = Y - center
     I = np.eye(k)
     W = np.linalg.solve(A.T @ A + ridge * I, A.T @ Yc @ B.T) @ np.linalg.inv(B @ B.T + ridge * I)
-    P = np.stack([emb(c) for c in test_cols], axis=1) if test_cols else np.zeros((k, 0))  # (k, n_test)
+    P = (np.stack([emb(c, x) for c, x in zip(test_cols, te_ext)], axis=1) if test_cols
+         else np.zeros((k, 0)))  # (k, n_test)
     return (A @ W @ P + center + ctrl[:, None]).T.astype(np.float32)

@@ -69,6 +69,7 @@ def _combo_targets(rng, n_genes=8, n_combos=12):
 @pytest.mark.parametrize("kind", ["single", "combo"])
 def test_no_test_or_validation_perturbation_reaches_training_over_many_seeds(kind):
     rng = np.random.default_rng(0)
+    groups_seen: set[str] = set()
     for seed in range(200):
         if kind == "single":
             n = int(rng.integers(3, 30))
@@ -90,6 +91,9 @@ def test_no_test_or_validation_perturbation_reaches_training_over_many_seeds(kin
                 assert group == "single"
             else:
                 assert group == f"combo_seen{sum(g in seen for g in targets[p])}"
+            groups_seen.add(group)
+    # every GEARS subgroup occurs: two-gene test perturbations with 0, 1 and 2 of their genes seen
+    assert groups_seen == ({"single"} if kind == "single" else {"single", "combo_seen0", "combo_seen1", "combo_seen2"})
     assert ps.make_split(targets, 7).test == ps.make_split(targets, 7).test  # seeded
 
 
@@ -186,6 +190,32 @@ def test_linear_baseline_recovers_a_planted_linear_effect():
     np.testing.assert_allclose(none[0], ctrl + center, rtol=1e-4, atol=1e-4)
 
 
+def test_linear_scgpt_emb_places_an_unmeasured_target_through_its_pretrained_embedding():
+    rng = np.random.default_rng(1)
+    G, U, k, d, n = 200, 20, 3, 16, 40
+    E = rng.normal(size=(G + U, k))  # latent programmes of G measured and U unmeasured genes
+    R = rng.normal(size=(k, d))  # the pretrained token embedding is a linear image of the programme
+    tok = E @ R + 0.01 * rng.normal(size=(G + U, d))
+    W = rng.normal(size=(k, k))
+    ctrl = 2.0 + rng.normal(scale=0.3, size=G)
+    effect = lambda u: E[:G] @ W @ E[u]  # noqa: E731  the change of knocking out gene u (measured or not)
+    measured = [int(c) for c in rng.choice(G, size=30, replace=False)]
+    unmeasured = list(range(G, G + U))
+    train = measured + unmeasured[:10]
+    test = unmeasured[10:]  # unseen targets that are not measured: no PCA gene embedding
+    means = np.stack([ctrl + effect(u) for u in train])
+    cols = lambda us: [[u] if u < G else [] for u in us]  # noqa: E731
+    ext = lambda us: [[tok[u]] if u >= G else [] for u in us]  # noqa: E731
+    pred = ps.linear_baseline(ctrl, means, cols(train), cols(test), gene_emb=tok[:G],
+                              train_ext=ext(train), test_ext=ext(test))
+    r = [ps.pearson(pred[i] - ctrl, effect(u)) for i, u in enumerate(test)]
+    assert min(r) > 0.9, r
+    # without the pretrained embeddings every such target gets the same offset prediction
+    plain = ps.linear_baseline(ctrl, means, cols(train), cols(test))
+    np.testing.assert_allclose(plain[0], plain[-1], rtol=1e-5, atol=1e-5)
+    assert np.mean([ps.pearson(plain[i] - ctrl, effect(u)) for i, u in enumerate(test)]) < 0.5
+
+
 # ------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def e2e(registered_debug_model, tmp_path_factory):
@@ -210,7 +240,8 @@ def test_end_to_end_on_the_shipped_screen_logged_and_reproducible(e2e):
     tables = [pd.read_csv(o / "perturbation_papalexi" / "scores_perturbation_papalexi.csv", index_col=0)
               for o, _ in outs]
     df = tables[0]
-    assert list(df.index) == ["scGPT", "scGPT random init", "linear (PCA)", "train mean", "no change"]
+    assert list(df.index) == ["scGPT", "scGPT random init", "linear (PCA)", "linear (scGPT emb.)", "train mean",
+                              "no change"]
     assert list(df.columns) == list(ps.METRICS)
     for method, row in df.iterrows():
         for metric, v in row.items():
