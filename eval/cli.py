@@ -179,7 +179,7 @@ def _main(args: argparse.Namespace, suite: bool) -> int:
     from eval.api import ScGPTModel, default_device
     from eval.report import combine_markdown, plain_summary
     from eval.runner import evaluate, evaluate_suite
-    from training.tracking import resolve_tracking_uri
+    from training.tracking import check_tracking_uri, resolve_tracking_uri
 
     for name in ("epochs", "batch_size", "max_cells", "splits", "max_perturbations", "min_steps"):
         if getattr(args, name) < (1 if name in ("epochs", "batch_size", "splits") else 0):
@@ -195,6 +195,10 @@ def _main(args: argparse.Namespace, suite: bool) -> int:
     if args.n_hvg is not None and args.n_hvg < 1:
         raise EvalError(f"--n-hvg must be positive, got {args.n_hvg}")
     tracking_uri = resolve_tracking_uri(args.tracking_uri)  # the trainer's rule: flag, env, ./mlflow.db
+    try:  # a missing folder, a file that is no database, an unreachable server: one message, nothing written
+        check_tracking_uri(tracking_uri)
+    except ValueError as e:
+        raise EvalError(str(e)) from None
     device = default_device(args.device)
     model = ScGPTModel.load(args.model, tracking_uri=tracking_uri, device=device)
     opts = tasks.EvalOptions(

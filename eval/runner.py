@@ -1,7 +1,8 @@
 """Run tasks as MLflow runs linked to the model version; the suite nests them under one parent.
 
 Every input is checked (``tasks.plan``) before a run is opened, so bad input leaves nothing
-behind; a run that fails anyway is deleted rather than left half-written.
+behind; a run that fails anyway is kept, marked FAILED with an ``error`` tag naming the
+exception, so the evidence (params, partial artifacts) stays for whoever looks into it.
 """
 
 from __future__ import annotations
@@ -19,10 +20,19 @@ from eval.tracking import eval_run, log_result
 log = logging.getLogger(__name__)
 
 
-def _run_logged(p: tasks.Plan, model: ScGPTModel, opts: tasks.EvalOptions, tracking_uri: str,
-                out: Path | None, nested: bool, seen: list[str]) -> TaskResult:
+def _mark_failed(e: BaseException, *, interrupted: bool) -> None:
+    """End the active run as FAILED (KILLED on Ctrl-C) with the exception in an ``error`` tag."""
     import mlflow
 
+    try:
+        mlflow.set_tag("error", f"{type(e).__name__}: {e}"[:5000])
+    except Exception as te:  # noqa: BLE001 (the status below matters more than the tag)
+        log.warning("could not tag the failed run: %s", te)
+    mlflow.end_run(status="KILLED" if interrupted else "FAILED")
+
+
+def _run_logged(p: tasks.Plan, model: ScGPTModel, opts: tasks.EvalOptions, tracking_uri: str,
+                out: Path | None, nested: bool, seen: list[str]) -> TaskResult:
     with tempfile.TemporaryDirectory(prefix="scgpt-eval-") as tmp:
         outdir = (out if out is not None else Path(tmp)) / f"{p.task}_{p.dataset}"
         with eval_run(tracking_uri, f"{p.task}:{p.dataset}", model.info, nested=nested,
@@ -32,9 +42,8 @@ def _run_logged(p: tasks.Plan, model: ScGPTModel, opts: tasks.EvalOptions, track
                 if seen:
                     res.params["pretrained_on_eval_data"] = ", ".join(seen)
                 log_result(res, outdir, model.info, tracking_uri)
-            except BaseException:
-                mlflow.end_run(status="FAILED")
-                mlflow.MlflowClient(tracking_uri=tracking_uri).delete_run(run_id)
+            except BaseException as e:
+                _mark_failed(e, interrupted=isinstance(e, KeyboardInterrupt))
                 raise
         res.params["mlflow_run_id"] = run_id
     return res
@@ -67,8 +76,7 @@ def evaluate_suite(model: ScGPTModel, opts: tasks.EvalOptions, *, tracking_uri: 
             from eval.report import combine_markdown
 
             mlflow.log_text(combine_markdown(results) + "\n", "scores_suite.md")
-        except BaseException:
-            mlflow.end_run(status="FAILED")
-            mlflow.MlflowClient(tracking_uri=tracking_uri).delete_run(parent)
+        except BaseException as e:
+            _mark_failed(e, interrupted=isinstance(e, KeyboardInterrupt))
             raise
     return parent, results

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
@@ -40,8 +40,11 @@ def eval_run(tracking_uri: str, run_name: str, info: dict, *, nested: bool = Fal
     """Start (and end) an MLflow run tagged with the model's identity; yields the run id."""
     import mlflow
 
+    from training.tracking import ensure_experiment
+
     mlflow.set_tracking_uri(tracking_uri)
-    mlflow.set_experiment(experiment)
+    # created with an artifact location beside a sqlite database (not ./mlruns of the cwd)
+    mlflow.set_experiment(experiment_id=ensure_experiment(tracking_uri, experiment))
     tags = {**model_tags(info), **(extra_tags or {})}
     with mlflow.start_run(run_name=run_name, nested=nested, tags=tags) as run:
         yield run.info.run_id
@@ -79,5 +82,5 @@ def link_version(info: dict, key: str, run_id: str, tracking_uri: str) -> None:
     try:
         MlflowClient(tracking_uri=tracking_uri).set_model_version_tag(
             str(info["model_name"]), str(info["version"]), key, run_id)
-    except Exception as e:  # the run is still complete; the back-link is a convenience
+    except Exception as e:  # noqa: BLE001 (the run is still complete; the back-link is a convenience)
         log.warning("could not tag model version %s/%s: %s", info["model_name"], info["version"], e)

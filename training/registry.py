@@ -12,10 +12,12 @@ official scGPT layout, or a downloaded MLflow model folder).
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import os
 import re
+import shutil
 import tempfile
 from importlib.metadata import PackageNotFoundError, version as pkg_version
 from pathlib import Path
@@ -46,6 +48,20 @@ def read_lineage(model_dir: str | Path) -> dict[str, Any] | None:
     except (OSError, json.JSONDecodeError) as e:
         log.warning("%s is unreadable (%s); the model's pretraining data is unknown", f, e)
         return None
+# registered versions this process downloaded: (tracking URI, name, version) -> temporary folder.
+# A version's files never change, so a second load reuses the folder; all are removed at exit
+# (the loaded model is in memory, but info["path"] is read after loading, e.g. for modality tables).
+_DOWNLOADS: dict[tuple[str, str, int], tuple[Path, Path]] = {}  # -> (temporary folder, model inside it)
+
+
+def remove_downloads() -> None:
+    """Delete every model folder this process downloaded (also run at interpreter exit)."""
+    while _DOWNLOADS:
+        _, (d, _) = _DOWNLOADS.popitem()
+        shutil.rmtree(d, ignore_errors=True)
+
+
+atexit.register(remove_downloads)
 _URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>[^/@]+)|@(?P<alias>[^/@]+))$")
 
 
@@ -139,9 +155,21 @@ def resolve_model_uri(uri: str, tracking_uri: str | None = None) -> dict[str, An
                             "or models:/<name>/latest")
     from mlflow.exceptions import MlflowException
 
-    from training.tracking import client
+    from training.errors import TrainUsageError
+    from training.tracking import check_tracking_uri, client, sqlite_path
 
     turi = resolve_tracking_uri(tracking_uri)
+    db = sqlite_path(turi)
+    if db is not None and not db.exists():  # MLflow would create an empty database there and find nothing
+        raise ModelURIError(
+            f"model URI {uri!r}: no MLflow database at {db} (tracking URI {turi}); point at the database the "
+            "model was registered in: --tracking-uri sqlite:///<folder>/mlflow.db (Python: tracking_uri=...) or "
+            "export MLFLOW_TRACKING_URI=sqlite:///<folder>/mlflow.db; the main job's is "
+            "sqlite:///$PWD/demo_out/mlflow.db")
+    try:
+        check_tracking_uri(turi)
+    except TrainUsageError as e:
+        raise ModelURIError(str(e)) from None
     c = client(turi)
     name = m["name"]
     try:
@@ -187,15 +215,21 @@ def load_registered_model(uri: str, tracking_uri: str | None = None, map_locatio
 
         mlflow.set_tracking_uri(where["tracking_uri"])
         mlflow.set_registry_uri(where["tracking_uri"])  # models:/ downloads go through the registry
-        dest = Path(tempfile.mkdtemp(prefix="scgpt-model-"))
-        # one line per downloaded file otherwise, dozens per model load, on every evaluate
-        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
         ver_uri = f"models:/{where['model_name']}/{where['version']}"
-        try:
-            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=ver_uri, dst_path=str(dest),
-                                                             tracking_uri=where["tracking_uri"]))
-        except Exception as e:  # artifact store unreachable or files gone
-            raise ModelURIError(f"model {ver_uri}: cannot download its files ({e})") from e
+        key = (where["tracking_uri"], where["model_name"], where["version"])
+        if key in _DOWNLOADS and _DOWNLOADS[key][1].is_dir():
+            local = _DOWNLOADS[key][1]
+        else:
+            dest = Path(tempfile.mkdtemp(prefix="scgpt-model-"))
+            # one line per downloaded file otherwise, dozens per model load, on every evaluate
+            os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+            try:
+                local = Path(mlflow.artifacts.download_artifacts(artifact_uri=ver_uri, dst_path=str(dest),
+                                                                 tracking_uri=where["tracking_uri"]))
+            except Exception as e:  # artifact store unreachable or files gone
+                shutil.rmtree(dest, ignore_errors=True)
+                raise ModelURIError(f"model {ver_uri}: cannot download its files ({e})") from e
+            _DOWNLOADS[key] = (dest, local)
         path = _local_model_dir(local)
         info = {"model_name": where["model_name"], "version": where["version"], "run_id": where["run_id"],
                 "manifest_hash": where["manifest_hash"], "source": where["census_source"], "tags": where["tags"],
