@@ -5,7 +5,8 @@ scGPT ones by symbol (``feature_name``). Datasets come either way: pbmc3k carrie
 (symbols as ``var_names``, Ensembl in ``var.gene_ids``), the symphony PBMCs only symbols.
 Symbols are mapped to Ensembl with the shipped hg19 table (``data/gene_symbols_hg19.tsv``:
 pbmc3k's 10x gene list plus current-HGNC aliases such as CXCL8), so a symbol-only dataset
-still reaches an Ensembl-keyed vocabulary.
+still reaches an Ensembl-keyed vocabulary. What an Ensembl id is and how it is keyed (GENCODE
+version stripped) is ``shardset.genes``, the rule ``ingest build-census`` uses too.
 Unmatched genes are dropped and counted, never silently.
 """
 
@@ -13,7 +14,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,33 +21,17 @@ import anndata as ad
 import numpy as np
 
 from eval.errors import EvalError
-from ingest.build_census import load_symbol_table
 from scgpt_model.vocab import GeneVocab
+from shardset.genes import gene_key, looks_ensembl, symbol_table
+
+__all__ = ["DATA_DIR", "GeneMatch", "ensembl_table", "looks_ensembl", "match_genes", "symbol_table"]
 
 log = logging.getLogger(__name__)
 
 DATA_DIR = Path(__file__).resolve().parents[1] / "data"
-_ENSEMBL = re.compile(r"^ENS[A-Z]*G\d{6,}")
 # var columns that, by convention, hold Ensembl ids / symbols (CELLxGENE, 10x, scanpy)
 _ID_COLUMNS = ("feature_id", "gene_ids", "gene_id", "ensembl_id", "ensembl")
 _SYMBOL_COLUMNS = ("feature_name", "gene_symbols", "gene_symbol", "gene_name", "symbol")
-
-
-def _strip_version(g: str) -> str:
-    """ENSG00000123456.7 -> ENSG00000123456 (GENCODE versions are not part of the key)."""
-    return g.split(".", 1)[0] if _ENSEMBL.match(g) else g
-
-
-def looks_ensembl(names) -> bool:
-    names = [str(n) for n in list(names)[:200]]
-    return bool(names) and sum(bool(_ENSEMBL.match(n)) for n in names) > 0.8 * len(names)
-
-
-@functools.lru_cache(maxsize=1)
-def symbol_table() -> dict[str, str]:
-    """symbol -> Ensembl id from the shipped hg19 table (with current-HGNC aliases such as CXCL8);
-    the same table and parser that ``ingest build-census`` uses. First occurrence wins."""
-    return load_symbol_table()
 
 
 @functools.lru_cache(maxsize=1)
@@ -101,7 +85,7 @@ def _symbols_of(adata: ad.AnnData) -> tuple[list[str], str]:
     if not looks_ensembl(adata.var_names):
         return adata.var_names.astype(str).tolist(), "var_names"
     inv = ensembl_table()
-    return [inv.get(_strip_version(g), "") for g in adata.var_names.astype(str)], "var_names (Ensembl -> symbol table)"
+    return [inv.get(gene_key(g), "") for g in adata.var_names.astype(str)], "var_names (Ensembl -> symbol table)"
 
 
 def _candidates(adata: ad.AnnData, key: str) -> list[tuple[str, list[str]]]:
@@ -111,9 +95,9 @@ def _candidates(adata: ad.AnnData, key: str) -> list[tuple[str, list[str]]]:
     if key == "feature_id":
         for col in _ID_COLUMNS:
             if col in adata.var.columns:
-                out.append((f"var['{col}']", [_strip_version(str(g)) for g in adata.var[col]]))
+                out.append((f"var['{col}']", [gene_key(str(g)) for g in adata.var[col]]))
         if looks_ensembl(adata.var_names):
-            out.append(("var_names", [_strip_version(str(g)) for g in adata.var_names]))
+            out.append(("var_names", [gene_key(str(g)) for g in adata.var_names]))
         table = symbol_table()
         out.append((f"{sym_src} (symbol -> Ensembl table)", [table.get(s, "") for s in symbols]))
     else:

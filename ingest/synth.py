@@ -19,9 +19,9 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from ingest.build_census import load_symbol_table
 from ingest.errors import IngestError
 from ingest.store_writer import CensusStoreWriter, DatasetInfo
+from shardset.genes import symbol_table
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ class SynthConfig:
 
 def synth_var(n_genes: int) -> pd.DataFrame:
     """Real Ensembl ids and symbols from the shipped table first, clearly synthetic ids beyond it."""
-    table = load_symbol_table()
+    table = symbol_table()
     seen: dict[str, str] = {}
     for name, fid in table.items():
         seen.setdefault(fid, name)
