@@ -230,6 +230,18 @@ def _other_normalised(data: MultiomicData) -> dict[str, np.ndarray]:
     return out
 
 
+def wnn_neighbours(n_cells: int) -> dict[str, int]:
+    """muon's WNN neighbour counts, capped below the number of cells.
+
+    muon asks pynndescent for ``n_multineighbors + 1`` (default 201) candidates per cell; with
+    fewer cells than that, pynndescent pads each row with index -1, muon builds a CSR graph from
+    those indices unchecked, and scipy's sparse add then writes out of bounds ("double free or
+    corruption", a native abort: any task on <= 200 cells). The counts (muon's defaults 15 / 20 /
+    200) are capped at ``n_cells - 1``, so every request fits; above 201 cells nothing changes."""
+    cap = max(n_cells - 1, 1)
+    return {"n_neighbors": min(15, cap), "n_bandwidth_neighbors": min(20, cap), "n_multineighbors": min(200, cap)}
+
+
 def _wnn(rna_pcs: np.ndarray, other: dict[str, np.ndarray], data: MultiomicData, seed: int):
     """muon's WNN graph (per-modality PCA -> kNN -> ``mu.pp.neighbors``) and ``mu.tl.umap`` on it."""
     import anndata as ad
@@ -237,19 +249,21 @@ def _wnn(rna_pcs: np.ndarray, other: dict[str, np.ndarray], data: MultiomicData,
     import muon as mu
     import scanpy as sc
 
+    k = wnn_neighbours(data.n_cells)
     mods = {RNA: ad.AnnData(X=np.zeros((data.n_cells, 1), np.float32), obsm={"X_pca": rna_pcs})}
-    for k, v in other.items():
-        mods[k] = ad.AnnData(X=np.zeros((data.n_cells, 1), np.float32),
-                             obsm={"X_pca": baselines.pca_embedding(v, n_comps=min(30, v.shape[1] - 1), seed=seed)})
+    for name, v in other.items():
+        mods[name] = ad.AnnData(X=np.zeros((data.n_cells, 1), np.float32),
+                                obsm={"X_pca": baselines.pca_embedding(v, n_comps=min(30, v.shape[1] - 1), seed=seed)})
     for a in mods.values():
         a.obs_names = data.obs.index.astype(str)
-        sc.pp.neighbors(a, use_rep="X_pca", random_state=seed)
+        sc.pp.neighbors(a, use_rep="X_pca", n_neighbors=k["n_neighbors"], random_state=seed)
     import warnings
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # mudata's legacy obs/var merging warns on every update
         mdata = md.MuData(mods)
-        mu.pp.neighbors(mdata, key_added="wnn", random_state=seed)
+        mu.pp.neighbors(mdata, key_added="wnn", random_state=seed, n_neighbors=k["n_neighbors"],
+                        n_bandwidth_neighbors=k["n_bandwidth_neighbors"], n_multineighbors=k["n_multineighbors"])
         mu.tl.umap(mdata, neighbors_key="wnn", random_state=seed)
     return mdata.obsp["wnn_connectivities"], mdata.obsp["wnn_distances"], np.asarray(mdata.obsm["X_umap"])
 

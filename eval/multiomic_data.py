@@ -424,7 +424,9 @@ def prepare_multiomic(inp: MultiomicInput, vocab, *, label_key: str, batch_key: 
         # zeros of the matrix, so they never enter a cell's quantiles
         bins[name] = sp.csr_matrix(bin_csr(m.counts, obs["_row"].to_numpy(np.int64), n_bins=n_bins,
                                            seed=seed + 7919 * k), dtype=np.float32)
+    counts = obs[label_key].astype(str).value_counts()
     params = {"n_labelled_cells_dropped": n_dropped, **inp.notes,
+              "label_counts": "; ".join(f"{k} {v}" for k, v in counts.items()),  # the task's cells, most first
               **{f"n_features_{k}": m.n_features for k, m in mods.items()},
               "mosaic": any(not m.measured.all() for m in mods.values())}
     data = MultiomicData(inp.name, mods, bins, obs, label_key, batch_key, match, token_ids, n_bins, seed, params)

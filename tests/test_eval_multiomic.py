@@ -17,7 +17,8 @@ from eval.report import UNIT_INTERVAL
 from scgpt_model.multiomic import (ModalityTable, extend_for_modalities, load_multiomic, qualify,
                                    save_multiomic)
 
-FAST = ["--epochs", "1", "--max-cells", "0", "--n-hvg", "80", "--batch-size", "64"]  # all 377 labelled cells (a 200-cell subsample crashed natively in the scib/WNN stack: "double free")
+# 200 cells: also the regression test of muon's WNN abort on <= 200 cells (eval.multiomic.wnn_neighbours)
+FAST = ["--epochs", "1", "--max-cells", "200", "--n-hvg", "80", "--batch-size", "64"]
 SCORES = ["NMI_cell", "ARI_cell", "ASW_cell", "ASW_batch", "GraphConn", "AvgBIO", "AvgBATCH", "Overall"]
 
 
@@ -161,6 +162,35 @@ def test_save_load_register_round_trip(debug_model, shipped, tmp_path):
     again, vocab4, table4 = extend_for_modalities(loaded.model, loaded.vocab, {"prot": data.mods["prot"].features},
                                                   table=model_table(loaded), trunk="inherit")
     assert vocab4 == m.vocab and table4 == m.table
+
+
+def test_wnn_neighbour_counts_fit_the_cells():
+    """muon's WNN asks pynndescent for 201 candidates per cell; on <= 200 cells the padded -1
+    indices made scipy abort the process ("double free or corruption"). The counts are capped
+    (the end-to-end test runs the whole task on 200 cells; the slow test below runs WNN on 120)."""
+    from eval.multiomic import wnn_neighbours
+
+    assert wnn_neighbours(1000) == {"n_neighbors": 15, "n_bandwidth_neighbors": 20, "n_multineighbors": 200}
+    assert wnn_neighbours(201) == {"n_neighbors": 15, "n_bandwidth_neighbors": 20, "n_multineighbors": 200}
+    assert wnn_neighbours(200) == {"n_neighbors": 15, "n_bandwidth_neighbors": 20, "n_multineighbors": 199}
+    assert wnn_neighbours(12) == {"n_neighbors": 11, "n_bandwidth_neighbors": 11, "n_multineighbors": 11}
+
+
+@pytest.mark.slow  # pynndescent compiles muon's custom metric on every call: 30-200 s on 2 cores
+def test_wnn_graph_is_valid_on_120_cells(debug_model, shipped):
+    from eval import baselines
+    from eval.multiomic import _lognorm_rna, _other_normalised, _wnn
+    from eval.multiomic_data import SHIPPED_BATCH, SHIPPED_LABEL, prepare_multiomic
+
+    inp, _ = shipped
+    data = prepare_multiomic(inp, debug_model[1], label_key=SHIPPED_LABEL, batch_key=SHIPPED_BATCH, n_hvg=60,
+                             max_cells=120)
+    pcs = baselines.pca_embedding(_lognorm_rna(data), n_comps=20, seed=0)
+    conn, dist, coords = _wnn(pcs, _other_normalised(data), data, seed=0)
+    n = data.n_cells
+    assert n == 120 and conn.shape == dist.shape == (n, n) and coords.shape == (n, 2)
+    assert dist.indices.min() >= 0 and dist.indices.max() < n and np.isfinite(dist.data).all()
+    assert (np.diff(dist.indptr) > 0).all() and np.isfinite(coords).all()  # every cell has neighbours
 
 
 # ------------------------------------------------------------------------------------------------
