@@ -94,6 +94,64 @@ def check_obs_key(adata: ad.AnnData, key: str | None, what: str, name: str) -> N
                         f"Pass --{what}-key with one of them.")
 
 
+# A label column is refused when it looks like a measurement rather than classes: numeric with
+# more distinct values than any cell-type annotation has (the CELLxGENE Census' finest
+# cell_type level has ~700 across all tissues, one dataset's annotation a few dozen), or, of any
+# type, more distinct values than half the cells (most "classes" would hold one cell: nothing to
+# fine-tune on, and a stratified split cannot put them on both sides).
+MAX_NUMERIC_CLASSES = 100
+
+
+def _label_candidates(obs: pd.DataFrame, key: str | None, n_cells: int) -> list[str]:
+    """obs columns that could be cell-type labels: categorical/text/integer with 2.. n/2 values."""
+    out = []
+    for c in obs.columns:
+        if c == key or str(c).startswith("_"):
+            continue
+        col = obs[c]
+        k = int(col.nunique(dropna=True))
+        numeric = pd.api.types.is_numeric_dtype(col) and not isinstance(col.dtype, pd.CategoricalDtype)
+        if numeric and not pd.api.types.is_bool_dtype(col):
+            vals = col.dropna().to_numpy(dtype=np.float64)
+            if k > MAX_NUMERIC_CLASSES or (vals.size and np.any(vals != np.round(vals))):
+                continue
+        if 2 <= k <= max(2, n_cells // 2):
+            out.append(str(c))
+    return out
+
+
+def check_labels(obs: pd.DataFrame, key: str, name: str) -> None:
+    """Refuse a label column that cannot be cell types: continuous, (nearly) one value per cell,
+    a single class, or no labeled cell. ``obs``: the cells that will be scored."""
+    col = obs[key]
+    n = len(col)
+    cands = _label_candidates(obs, key, n)
+    hint = (f"categorical candidates in {name}.obs: {', '.join(cands)}" if cands
+            else f"{name}.obs has no other column that looks categorical")
+    if n == 0:
+        raise EvalError(f"dataset {name} has no cell with a {key!r} label (the column is empty or all NaN); "
+                        f"pass another --label-key ({hint})")
+    k = int(col.nunique(dropna=True))
+    numeric = (pd.api.types.is_numeric_dtype(col) and not isinstance(col.dtype, pd.CategoricalDtype)
+               and not pd.api.types.is_bool_dtype(col))
+    if numeric:
+        vals = col.to_numpy(dtype=np.float64)
+        if np.any(vals != np.round(vals)) or k > MAX_NUMERIC_CLASSES:
+            raise EvalError(
+                f"label key {key!r} of {name} looks continuous ({col.dtype}, {k} distinct values in {n} cells), "
+                f"not cell types; pass --label-key with a categorical column ({hint}). If it really holds "
+                f"classes, store it as one: adata.obs[{key!r}] = adata.obs[{key!r}].astype(str)")
+    if k > n / 2:
+        raise EvalError(
+            f"label key {key!r} of {name} has too many distinct values for cell types ({k} in {n} cells: most "
+            f"cells would be a class of their own); pass --label-key with a categorical column ({hint})")
+    if k < 2:
+        only = col.dropna().astype(str).iloc[0]
+        raise EvalError(
+            f"dataset {name} has a single cell type in .obs[{key!r}] ({only!r}): the evaluation compares cell "
+            f"types and needs at least 2; pass a dataset with several cell types or another --label-key ({hint})")
+
+
 @dataclass(slots=True)
 class PreparedData:
     """Cells x matched genes, ready for the model and the baselines.
@@ -206,6 +264,8 @@ def prepare(adata: ad.AnnData, vocab: GeneVocab, *, name: str, label_key: str | 
 
     ``extra_symbols``: genes kept even if not highly variable (gene-network query genes).
     """
+    if adata.n_obs == 0:
+        raise EvalError(f"dataset {name} has no cells (0 rows in .obs); pass a dataset with cells")
     check_counts(adata, name)
     check_obs_key(adata, label_key, "label", name)
     check_obs_key(adata, batch_key, "batch", name)
@@ -223,6 +283,8 @@ def prepare(adata: ad.AnnData, vocab: GeneVocab, *, name: str, label_key: str | 
     if max_cells and rows.size > max_cells:
         rng = np.random.default_rng(seed)
         rows = np.sort(rng.choice(rows, size=max_cells, replace=False))
+    if label_key is not None and require_labels:
+        check_labels(obs.iloc[rows], label_key, name)
     X = sp.csr_matrix(adata.X[rows][:, match.var_index], dtype=np.float32)
     X.sort_indices()
     obs = obs.iloc[rows]

@@ -103,3 +103,44 @@ def test_unknown_dataset_and_bad_numbers(capsys, uri, eval_debug_model_dir):
     with pytest.raises(SystemExit) as e:  # argparse: unknown task
         main(["--model", str(eval_debug_model_dir), "--task", "clustering", "--dataset", "pbmc3k"])
     assert e.value.code == 2
+
+
+def test_continuous_label_key_is_refused(capsys, uri, tmp_path, eval_debug_model_dir, symphony_small):
+    # nGene: integer-valued float64 with ~280 distinct values in 300 cells (the case)
+    a = ad.read_h5ad(symphony_small)
+    assert a.obs["nGene"].nunique() > 200
+    err = _bad(capsys, ["--model", str(eval_debug_model_dir), "--task", "annotation", "--dataset",
+                        str(symphony_small), "--label-key", "nGene", "--tracking-uri", uri],
+               "'nGene'", "looks continuous", "distinct values in 300 cells", "--label-key")
+    assert "celltype" in err and "batch" in err and "percent_mito" not in err.split("candidates")[1]
+    _bad(capsys, ["--model", str(eval_debug_model_dir), "--task", "zero-shot", "--dataset",
+                  str(symphony_small), "--label-key", "percent_mito", "--tracking-uri", uri],
+         "'percent_mito'", "looks continuous", "celltype")
+    # text labels, one per cell (a barcode column): too many distinct values
+    a.obs["barcode"] = [f"cell{i}" for i in range(a.n_obs)]
+    path = tmp_path / "barcodes.h5ad"
+    a.write_h5ad(path)
+    _bad(capsys, ["--model", str(eval_debug_model_dir), "--task", "annotation", "--dataset", str(path),
+                  "--label-key", "barcode", "--tracking-uri", uri],
+         "'barcode'", "too many distinct values", "300 in 300 cells", "celltype")
+    assert _runs_client(uri) == []
+
+
+def test_single_cell_type_and_empty_dataset_are_refused(capsys, uri, tmp_path, eval_debug_model_dir,
+                                                         symphony_small):
+    a = ad.read_h5ad(symphony_small)
+    top = a.obs["celltype"].value_counts().index[0]
+    one = a[a.obs["celltype"] == top].copy()
+    one.obs["celltype"] = one.obs["celltype"].astype(str)
+    path = tmp_path / "one_type.h5ad"
+    one.write_h5ad(path)
+    for task in ("annotation", "zero-shot"):
+        _bad(capsys, ["--model", str(eval_debug_model_dir), "--task", task, "--dataset", str(path),
+                      "--label-key", "celltype", "--tracking-uri", uri],
+             "single cell type", repr(str(top)), "at least 2")
+    empty = a[:0].copy()
+    path = tmp_path / "empty.h5ad"
+    empty.write_h5ad(path)
+    _bad(capsys, ["--model", str(eval_debug_model_dir), "--task", "zero-shot", "--dataset", str(path),
+                  "--label-key", "celltype", "--tracking-uri", uri], "has no cells")
+    assert _runs_client(uri) == []
