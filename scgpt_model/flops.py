@@ -40,6 +40,15 @@ def model_flops_per_cell(cfg: ModelConfig, n_genes: int | None = None, unknown_r
     return estimate_flops(cfg, n, keys, training)
 
 
-def mfu(cfg: ModelConfig, flops_done: float, seconds: float, peak_flops: float) -> float:
-    """Model-FLOPs utilisation = achieved FLOP/s over the device peak (e.g. 989e12 bf16 dense on H100/H200)."""
+def batch_flops(cfg: ModelConfig, n_cells: int, n_tokens: int, n_unknown: int = 0, training: bool = True) -> float:
+    """FLOPs of one batch of ``n_cells`` cells holding ``n_tokens`` real tokens, ``n_unknown`` of
+    them unknown (queries only), counted per cell at the batch's mean shape."""
+    per_cell_tokens = max(1, round(n_tokens / n_cells))
+    per_cell_keys = max(1, round((n_tokens - n_unknown) / n_cells))
+    return float(n_cells * estimate_flops(cfg, per_cell_tokens, per_cell_keys, training=training))
+
+
+def mfu(flops_done: float, seconds: float, peak_flops: float) -> float:
+    """Model-FLOPs utilisation = achieved FLOP/s over the peak of the devices that did the work
+    (e.g. world size x 989e12 for bf16 dense on H100/H200)."""
     return flops_done / max(seconds, 1e-12) / peak_flops

@@ -147,53 +147,87 @@ def _start_ray(cfg: TrainConfig) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------
-def run_pretrain(cfg: TrainConfig, *, resume: str | None = None) -> PretrainResult:
-    """Everything ``train pretrain`` does after argument parsing. Raises TrainUsageError on bad input."""
-    import ray
+# run_pretrain and its parts
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class _Inputs:
+    """The checked inputs of a run: shard set, vocabulary, model config, tracking store, storage."""
 
+    manifest: Manifest
+    manifest_hash: str
+    vocab: Any
+    mcfg: Any
+    uri: str
+    storage: Path
+    pretrain_datasets: str  # MLflow tag values are capped at 8,000 characters; lineage.json has all
+
+
+@dataclass
+class _Resume:
+    """The checkpoint a resumed run continues from: the one source of where training restarts."""
+
+    path: str
+    run_id: str
+    step: int
+
+
+@dataclass
+class _Schedule:
+    n_train: int
+    steps_per_epoch: int
+    total_steps: int
+
+
+def _check_inputs(cfg: TrainConfig) -> _Inputs:
     validate(cfg)
     manifest, vocab = check_shards(cfg.data.shards)
-    manifest_hash = manifest.hash()
-    # MLflow tag values are capped at 8,000 characters; the full list travels in lineage.json
-    pretrain_datasets = ",".join(d.dataset_id for d in manifest.datasets)[:7900]
     mcfg = model_config(cfg, len(vocab))
     uri = tracking.resolve_tracking_uri(cfg.tracking.tracking_uri)
     tracking.check_tracking_uri(uri)
     cfg.tracking.tracking_uri = uri
     storage = Path(cfg.cluster.storage_path).expanduser()
     storage = storage if "://" in cfg.cluster.storage_path else storage.resolve()
+    return _Inputs(manifest, manifest.hash(), vocab, mcfg, uri, storage,
+                   ",".join(d.dataset_id for d in manifest.datasets)[:7900])
 
-    resume_path, run_id, resumed_from = None, None, None
-    if resume is not None:
-        ckpt = find_checkpoint(storage, resume)
-        st = json.loads((ckpt / STATE_FILE).read_text())
-        if st["vocab_hash"] != vocab.hash():
-            raise TrainUsageError(
-                f"--resume: the checkpoint {ckpt} was trained with vocabulary {st['vocab_hash'][:12]} but the shards "
-                f"at {cfg.data.shards} use {vocab.hash()[:12]}; resume with the original shard set")
-        if st.get("manifest_hash") != manifest_hash:
-            raise TrainUsageError(
-                f"--resume: the checkpoint {ckpt} was trained on the shard set with manifest "
-                f"{str(st.get('manifest_hash'))[:12]}, but --shards {cfg.data.shards} is another shard set (manifest "
-                f"{manifest_hash[:12]}, query {manifest.obs_filter!r}); resume with the original --shards (the "
-                "run's MLflow tag shards_path names it), or start a new run")
-        if int(st["world_size"]) != cfg.cluster.num_workers:
-            raise TrainUsageError(f"--resume: the checkpoint was written by {st['world_size']} workers; pass "
-                                  f"--num-workers {st['world_size']} (ZeRO shards are per rank)")
-        run_id, resume_path, resumed_from = st["mlflow_run_id"], str(ckpt), int(st["step"])
-        cfg.cluster.run_name = ckpt.parent.name
-        storage = ckpt.parent.parent
-        from scgpt_model.config import ModelConfig
 
-        if ModelConfig.from_dict(st["model_config"]) != mcfg:
-            raise TrainUsageError("--resume: the model config differs from the checkpoint's; resume with the same "
-                                  "--config (only schedule knobs such as --max-steps/--epochs may change)")
-    else:
-        cfg.cluster.run_name = cfg.cluster.run_name or f"{cfg.tracking.model_name}-{time.strftime('%Y%m%d-%H%M%S')}"
-        if (storage / cfg.cluster.run_name).exists() and any((storage / cfg.cluster.run_name).glob("checkpoint_*")):
-            raise TrainUsageError(f"run {cfg.cluster.run_name!r} already has checkpoints under {storage}; pass "
-                                  "--resume to continue it or another --run-name")
+def _check_resume(cfg: TrainConfig, inp: _Inputs, resume: str) -> _Resume:
+    """The checkpoint to resume from, refused unless it belongs to these inputs; points the run
+    name and storage at its run."""
+    from scgpt_model.config import ModelConfig
 
+    ckpt = find_checkpoint(inp.storage, resume)
+    st = json.loads((ckpt / STATE_FILE).read_text())
+    vocab_hash = inp.vocab.hash()
+    if st["vocab_hash"] != vocab_hash:
+        raise TrainUsageError(
+            f"--resume: the checkpoint {ckpt} was trained with vocabulary {st['vocab_hash'][:12]} but the shards "
+            f"at {cfg.data.shards} use {vocab_hash[:12]}; resume with the original shard set")
+    if st.get("manifest_hash") != inp.manifest_hash:
+        raise TrainUsageError(
+            f"--resume: the checkpoint {ckpt} was trained on the shard set with manifest "
+            f"{str(st.get('manifest_hash'))[:12]}, but --shards {cfg.data.shards} is another shard set (manifest "
+            f"{inp.manifest_hash[:12]}, query {inp.manifest.obs_filter!r}); resume with the original --shards (the "
+            "run's MLflow tag shards_path names it), or start a new run")
+    if int(st["world_size"]) != cfg.cluster.num_workers:
+        raise TrainUsageError(f"--resume: the checkpoint was written by {st['world_size']} workers; pass "
+                              f"--num-workers {st['world_size']} (ZeRO shards are per rank)")
+    cfg.cluster.run_name = ckpt.parent.name
+    inp.storage = ckpt.parent.parent
+    if ModelConfig.from_dict(st["model_config"]) != inp.mcfg:
+        raise TrainUsageError("--resume: the model config differs from the checkpoint's; resume with the same "
+                              "--config (only schedule knobs such as --max-steps/--epochs may change)")
+    return _Resume(str(ckpt), st["mlflow_run_id"], int(st["step"]))
+
+
+def _name_new_run(cfg: TrainConfig, storage: Path) -> None:
+    cfg.cluster.run_name = cfg.cluster.run_name or f"{cfg.tracking.model_name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if (storage / cfg.cluster.run_name).exists() and any((storage / cfg.cluster.run_name).glob("checkpoint_*")):
+        raise TrainUsageError(f"run {cfg.cluster.run_name!r} already has checkpoints under {storage}; pass "
+                              "--resume to continue it or another --run-name")
+
+
+def _schedule(cfg: TrainConfig, manifest: Manifest) -> _Schedule:
     train_idx, _ = D.build_index(cfg.data.shards, manifest)
     n_train = min(len(train_idx), cfg.data.max_train_cells or len(train_idx))
     world, ga = cfg.cluster.num_workers, cfg.optim.grad_accum
@@ -203,56 +237,80 @@ def run_pretrain(cfg: TrainConfig, *, resume: str | None = None) -> PretrainResu
     total_steps = steps_per_epoch * cfg.schedule.epochs
     if cfg.schedule.max_steps is not None:
         total_steps = min(total_steps, cfg.schedule.max_steps)
+    return _Schedule(n_train, steps_per_epoch, total_steps)
+
+
+def _open_run(cfg: TrainConfig, inp: _Inputs, sched: _Schedule) -> str:
+    """A new MLflow run holding the config, the data's identity and the DeepSpeed config."""
+    from training.parallelize import deepspeed_config
+
+    params = {**cfg.flat(), **{f"model_config.{k}": v for k, v in inp.mcfg.to_dict().items()},
+              "data.n_train_cells": sched.n_train, "data.steps_per_epoch": sched.steps_per_epoch,
+              "data.total_steps": sched.total_steps}
+    tags = {"manifest_hash": inp.manifest_hash, "census_source": json.dumps(inp.manifest.source),
+            "census_version": inp.manifest.census_version,
+            "obs_filter": inp.manifest.obs_filter, "vocab_hash": inp.vocab.hash(),
+            "pretrain_datasets": inp.pretrain_datasets,
+            "git_commit": tracking.git_commit(), "shards_path": str(Path(cfg.data.shards).resolve()),
+            "ray_run_name": cfg.cluster.run_name, "mlflow.runName": cfg.cluster.run_name}
+    return tracking.start_run(
+        inp.uri, cfg.tracking.experiment, cfg.cluster.run_name, params=params, tags=tags,
+        artifacts={"config.json": cfg.to_dict(), "model_config.json": inp.mcfg.to_dict(),
+                   MANIFEST_FILE: inp.manifest.to_json(),
+                   "deepspeed_config.json": deepspeed_config(cfg, on_gpu=cfg.cluster.use_gpu)})
+
+
+def _register(cfg: TrainConfig, inp: _Inputs, run_id: str, ckpt_path: Path, final: dict[str, Any]) -> str | None:
+    """Export the final checkpoint and register it (None when registration is off)."""
+    if not cfg.tracking.register:
+        return None
+    from training.registry import export_and_register, lineage_of
+
+    return export_and_register(
+        ckpt_path, inp.mcfg, inp.vocab, tracking_uri=inp.uri, run_id=run_id, model_name=cfg.tracking.model_name,
+        tags={"run_id": run_id, "manifest_hash": inp.manifest_hash,
+              "census_source": json.dumps(inp.manifest.source), "vocab_hash": inp.vocab.hash(),
+              "pretrain_datasets": inp.pretrain_datasets, "steps": str(final.get("step", ""))},
+        lineage=lineage_of(inp.manifest))
+
+
+def run_pretrain(cfg: TrainConfig, *, resume: str | None = None) -> PretrainResult:
+    """Everything ``train pretrain`` does after argument parsing. Raises TrainUsageError on bad input."""
+    import ray
+
+    inp = _check_inputs(cfg)
+    resumed = _check_resume(cfg, inp, resume) if resume is not None else None
+    if resumed is None:
+        _name_new_run(cfg, inp.storage)
+    sched = _schedule(cfg, inp.manifest)
 
     started = _start_ray(cfg)
     try:
         check_resources(cfg)
-        if run_id is None:
-            params = {**cfg.flat(), **{f"model_config.{k}": v for k, v in mcfg.to_dict().items()},
-                      "data.n_train_cells": n_train, "data.steps_per_epoch": steps_per_epoch,
-                      "data.total_steps": total_steps}
-            tags = {"manifest_hash": manifest_hash, "census_source": json.dumps(manifest.source),
-                    "census_version": manifest.census_version,
-                    "obs_filter": manifest.obs_filter, "vocab_hash": vocab.hash(),
-                    "pretrain_datasets": pretrain_datasets,
-                    "git_commit": tracking.git_commit(), "shards_path": str(Path(cfg.data.shards).resolve()),
-                    "ray_run_name": cfg.cluster.run_name, "mlflow.runName": cfg.cluster.run_name}
-            from training.parallelize import deepspeed_config
-
-            run_id = tracking.start_run(
-                uri, cfg.tracking.experiment, cfg.cluster.run_name, params=params, tags=tags,
-                artifacts={"config.json": cfg.to_dict(), "model_config.json": mcfg.to_dict(),
-                           MANIFEST_FILE: manifest.to_json(),
-                           "deepspeed_config.json": deepspeed_config(cfg, on_gpu=cfg.cluster.use_gpu)})
+        if resumed is None:
+            run_id = _open_run(cfg, inp, sched)
         else:
-            tracking.reopen_run(uri, run_id)
-        print(f"mlflow run {run_id} ({uri}); {n_train} training cells, {steps_per_epoch} steps/epoch, "
-              f"{total_steps} steps" + (f", resuming from step {resumed_from}" if resumed_from is not None else ""),
-              flush=True)
-        result = _fit(cfg, mcfg, storage, {
-            "train": cfg.to_dict(), "model_config": mcfg.to_dict(), "total_steps": total_steps,
-            "resume_path": resume_path, "mlflow_run_id": run_id, "tracking_uri": uri,
-            "vocab_hash": vocab.hash(), "manifest_hash": manifest_hash,
-            "world_size": world, "audit_dir": str(storage / cfg.cluster.run_name)})
+            run_id = resumed.run_id
+            tracking.reopen_run(inp.uri, run_id)
+        print(f"mlflow run {run_id} ({inp.uri}); {sched.n_train} training cells, {sched.steps_per_epoch} "
+              f"steps/epoch, {sched.total_steps} steps"
+              + (f", resuming from step {resumed.step}" if resumed is not None else ""), flush=True)
+        result = _fit(cfg, inp.mcfg, inp.storage, {
+            "train": cfg.to_dict(), "model_config": inp.mcfg.to_dict(), "total_steps": sched.total_steps,
+            "resume_path": resumed.path if resumed is not None else None, "mlflow_run_id": run_id,
+            "tracking_uri": inp.uri, "vocab_hash": inp.vocab.hash(), "manifest_hash": inp.manifest_hash,
+            "world_size": cfg.cluster.num_workers, "audit_dir": str(inp.storage / cfg.cluster.run_name)})
         try:
             ckpt_path, final = _final_checkpoint(result)
-            model_uri = None
-            if cfg.tracking.register:
-                from training.registry import export_and_register, lineage_of
-
-                model_uri = export_and_register(
-                    ckpt_path, mcfg, vocab, tracking_uri=uri, run_id=run_id, model_name=cfg.tracking.model_name,
-                    tags={"run_id": run_id, "manifest_hash": manifest_hash,
-                          "census_source": json.dumps(manifest.source), "vocab_hash": vocab.hash(),
-                          "pretrain_datasets": pretrain_datasets, "steps": str(final.get("step", ""))},
-                    lineage=lineage_of(manifest))
+            model_uri = _register(cfg, inp, run_id, ckpt_path, final)
         except BaseException:
-            tracking.end_run(uri, run_id, "FAILED")
+            tracking.end_run(inp.uri, run_id, "FAILED")
             raise
-        tracking.end_run(uri, run_id, "FINISHED")
+        tracking.end_run(inp.uri, run_id, "FINISHED")
         print(f"done: run {run_id}, checkpoint {ckpt_path}" + (f", registered {model_uri}" if model_uri else ""),
               flush=True)
-        return PretrainResult(run_id, uri, model_uri, str(ckpt_path), str(storage / cfg.cluster.run_name), final)
+        return PretrainResult(run_id, inp.uri, model_uri, str(ckpt_path), str(inp.storage / cfg.cluster.run_name),
+                              final)
     finally:
         if started:
             ray.shutdown()

@@ -1,9 +1,16 @@
 """The Ray Train worker function: everything it needs comes from its ``config`` dict.
 
-One micro-batch: collate (background thread) -> forward -> ``engine.backward`` ->
-``engine.step`` (DeepSpeed steps the optimizer once per ``grad_accum`` micro-batches). After
-each optimizer step rank 0 prints one line and logs to MLflow; every ``checkpoint_every`` steps
-and at the end all ranks write a DeepSpeed checkpoint and hand it to ``ray.train.report``.
+The loop is four small parts, each deciding one thing:
+
+* :class:`TrainStep`: one optimizer step, ``grad_accum`` micro-batches of collate (background
+  thread) -> forward -> ``engine.backward`` -> ``engine.step`` (DeepSpeed steps the optimizer at
+  the accumulation boundary). Its loss record stays on the device.
+* :class:`MetricsAccumulator`: turns a step's record into the logged metrics, crossing to the
+  host once per step (one all-reduce, one ``.tolist()``), and decides when to log (rank 0
+  prints one line and logs to MLflow).
+* :class:`Validator`: decides when the validation losses are due and computes them.
+* :class:`Checkpointer`: decides when to save; all ranks write a DeepSpeed checkpoint and hand
+  it to ``ray.train.report``.
 """
 
 from __future__ import annotations
@@ -14,7 +21,9 @@ import logging
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from contextlib import closing
+from dataclasses import dataclass, field
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -64,39 +73,160 @@ def _to_device(batch, device: torch.device, bf16: bool):
     return batch
 
 
-def _allreduce(vec: list[float], device: torch.device) -> list[float]:
-    t = torch.tensor(vec, dtype=torch.float64, device=device)
+def _allreduce(vec: torch.Tensor) -> torch.Tensor:
+    """Sum a float64 vector over the ranks (in place when there is more than one)."""
     if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t)
-    return t.tolist()
+        dist.all_reduce(vec)
+    return vec
 
 
-def validate(engine, cfg: TrainConfig, mcfg, store: D.ShardStore, plan: list[np.ndarray], device, bf16: bool,
-             rank: int) -> dict[str, float]:
-    """Mean validation loss terms over the fixed validation subset (all ranks take part)."""
-    collate = make_collate(cfg, mcfg, epoch=0, rank=rank, salt=77)  # fixed masks: comparable over time
-    sums: dict[str, float] = {}
-    n = 0
-    engine.eval()
-    with torch.no_grad():
-        for lb in D.iterate(plan, store, collate, prefetch=2):
-            total, terms = engine(_to_device(lb.batch, device, bf16))
-            for k, v in {"total": total, **terms}.items():
-                sums[k] = sums.get(k, 0.0) + float(v) * lb.batch.n_cells
-            n += lb.batch.n_cells
-    engine.train()
-    keys = sorted(sums)
-    red = _allreduce([sums[k] for k in keys] + [n], device)
-    return {f"val_{k}": red[i] / max(red[-1], 1) for i, k in enumerate(keys)}
+def _loss_vector(total: torch.Tensor, terms: dict[str, torch.Tensor]) -> torch.Tensor:
+    """[total, *terms] as one float64 device vector (no host sync)."""
+    return torch.stack([v.detach().reshape(()).to(torch.float64) for v in (total, *terms.values())])
 
 
-def _batch_flops(mcfg, batch) -> float:
-    """Model FLOPs of one training micro-batch (fwd + bwd), per cell at the batch's mean shape."""
-    from scgpt_model.flops import estimate_flops
+# ---------------------------------------------------------------------------------------------
+# the train step
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class StepRecord:
+    """What one optimizer step did, on this rank. ``losses`` is a device tensor (the mean over the
+    step's micro-batches of [total, *terms], named by ``loss_names``); the counts are host numbers."""
 
-    per_cell_tokens = max(1, round(batch.n_tokens / batch.n_cells))
-    per_cell_keys = max(1, round((batch.n_tokens - batch.unknown_count) / batch.n_cells))
-    return float(batch.n_cells * estimate_flops(mcfg, per_cell_tokens, per_cell_keys, training=True))
+    loss_names: list[str]
+    losses: torch.Tensor
+    lr: float  # the lr this optimizer step applied
+    last_index: int  # the plan index of the step's last micro-batch
+    cells: int = 0
+    tokens: int = 0
+    slots: int = 0
+    flops: float = 0.0
+    joinids: list[np.ndarray] = field(default_factory=list)
+
+
+class TrainStep:
+    """One optimizer step over ``grad_accum`` micro-batches drawn from a batch iterator."""
+
+    def __init__(self, engine, mcfg, *, device: torch.device, bf16: bool, grad_accum: int, seed: int, rank: int,
+                 count_flops: bool) -> None:
+        self.engine, self.mcfg, self.device, self.bf16 = engine, mcfg, device, bf16
+        self.grad_accum, self.seed, self.rank, self.count_flops = grad_accum, seed, rank, count_flops
+
+    def __call__(self, batches: Iterator[D.LoadedBatch], epoch: int) -> StepRecord | None:
+        """The next step of ``batches``, or None when the epoch has no micro-batch left."""
+        from scgpt_model.flops import batch_flops
+
+        rec = None
+        for i in range(self.grad_accum):
+            lb = next(batches, None)
+            if lb is None:
+                if i:  # the plan holds a multiple of grad_accum micro-batches per epoch
+                    raise RuntimeError(f"epoch {epoch} ended inside an accumulation window ({i}/{self.grad_accum})")
+                return None
+            # dropout draws depend only on (seed, epoch, rank, batch): resume replays them exactly
+            torch.manual_seed(_seed_for(self.seed, epoch, self.rank, lb.index))
+            batch = _to_device(lb.batch, self.device, self.bf16)
+            total, terms = self.engine(batch)
+            self.engine.backward(total)
+            lr = self.engine.get_lr()[0]  # the lr this optimizer step applies (the scheduler moves in step())
+            self.engine.step()
+            losses = _loss_vector(total, terms) / self.grad_accum
+            if rec is None:
+                rec = StepRecord(["loss", *(f"loss_{k}" for k in terms)], torch.zeros_like(losses), lr, lb.index)
+            rec.losses += losses
+            rec.lr, rec.last_index = lr, lb.index
+            rec.cells += batch.n_cells
+            rec.tokens += batch.n_tokens
+            rec.slots += batch.genes.numel()
+            if self.count_flops:
+                rec.flops += batch_flops(self.mcfg, batch.n_cells, batch.n_tokens, batch.unknown_count)
+            rec.joinids.append(lb.joinids)
+        return rec
+
+
+# ---------------------------------------------------------------------------------------------
+# metrics, validation, checkpoints
+# ---------------------------------------------------------------------------------------------
+class MetricsAccumulator:
+    """Reduces each step's record over the ranks into the logged metrics and decides when to log.
+
+    One host sync per step: the loss record and the counts go into one float64 vector, one
+    all-reduce, one ``.tolist()``. MFU (only against a known accelerator peak) comes from
+    :func:`scgpt_model.flops.mfu`.
+    """
+
+    def __init__(self, *, world: int, rank: int, device: torch.device, total_steps: int,
+                 peak_flops_per_device: float | None, mlflow_logger=None, log_every: int = 1) -> None:
+        self.world, self.rank, self.device, self.total_steps = world, rank, device, total_steps
+        self.peak = peak_flops_per_device
+        self.mlflow_logger, self.log_every = mlflow_logger, log_every
+
+    def reduce(self, rec: StepRecord, *, grad_norm, started: float, epoch: int) -> dict[str, float]:
+        """The step's metrics; ``started`` is the step's ``time.perf_counter()`` start (the wall
+        time is read after the host sync, so it covers the device work on an accelerator too)."""
+        from scgpt_model.flops import mfu
+
+        counts = torch.tensor([rec.cells, rec.tokens, rec.slots, rec.flops], dtype=torch.float64, device=self.device)
+        vec = _allreduce(torch.cat([rec.losses, counts]))
+        if isinstance(grad_norm, torch.Tensor):  # already global: rides along, not reduced
+            vec = torch.cat([vec, grad_norm.detach().reshape(1).to(vec)])
+        host = vec.tolist()  # the one host sync of the step
+        seconds = time.perf_counter() - started
+        n = len(rec.loss_names)
+        losses, (cells, tokens, slots, flops) = host[:n], host[n:n + 4]
+        gn = host[n + 4] if isinstance(grad_norm, torch.Tensor) else grad_norm
+        metrics = {k: v / self.world for k, v in sorted(zip(rec.loss_names, losses))}
+        metrics.update({
+            "lr": rec.lr,
+            "grad_norm": float(gn) if gn is not None else float("nan"),
+            "cells_per_s": cells / seconds, "tokens_per_s": tokens / seconds,
+            "padding_fraction": 1.0 - tokens / max(slots, 1.0), "epoch": float(epoch),
+        })
+        if self.peak is not None:  # global FLOPs over wall x world x per-device peak
+            metrics["mfu"] = mfu(flops, seconds, self.world * self.peak)
+        return metrics
+
+    def should_log(self, step: int, last: bool) -> bool:
+        return step % self.log_every == 0 or last
+
+    def log(self, step: int, epoch: int, metrics: dict[str, float]) -> None:
+        if self.rank != 0:
+            return
+        print(f"step {step}/{self.total_steps} epoch {epoch} " + " ".join(
+            f"{k} {v:.4g}" for k, v in metrics.items() if k != "epoch"), flush=True)
+        if self.mlflow_logger is not None:
+            self.mlflow_logger.log(metrics, step)
+
+
+class Validator:
+    """Mean validation loss terms over the fixed validation subset, every ``every`` steps and at
+    the end (all ranks take part)."""
+
+    def __init__(self, engine, cfg: TrainConfig, mcfg, store: D.ShardStore, plan: list[np.ndarray], *,
+                 device: torch.device, bf16: bool, rank: int) -> None:
+        self.engine, self.store, self.plan, self.device, self.bf16 = engine, store, plan, device, bf16
+        self.every = cfg.schedule.val_every
+        self.collate = make_collate(cfg, mcfg, epoch=0, rank=rank, salt=77)  # fixed masks: comparable over time
+
+    def should_run(self, step: int, last: bool) -> bool:
+        return step % self.every == 0 or last
+
+    def run(self) -> dict[str, float]:
+        names, sums, n = None, None, 0
+        self.engine.eval()
+        with torch.no_grad():
+            for lb in D.iterate(self.plan, self.store, self.collate, prefetch=2):
+                total, terms = self.engine(_to_device(lb.batch, self.device, self.bf16))
+                v = _loss_vector(total, terms) * lb.batch.n_cells
+                if names is None:
+                    names, sums = ["total", *terms], torch.zeros_like(v)
+                sums += v
+                n += lb.batch.n_cells
+        self.engine.train()
+        names = names or []
+        vec = torch.zeros(0, dtype=torch.float64, device=self.device) if sums is None else sums
+        red = _allreduce(torch.cat([vec, torch.tensor([float(n)], dtype=torch.float64, device=self.device)])).tolist()
+        return {f"val_{k}": v / max(red[-1], 1) for k, v in sorted(zip(names, red[:-1]))}
 
 
 def save_checkpoint(engine, state: dict[str, Any], metrics: dict[str, float], rank: int) -> None:
@@ -111,6 +241,43 @@ def save_checkpoint(engine, state: dict[str, Any], metrics: dict[str, float], ra
                          checkpoint=ray.train.Checkpoint.from_directory(d))
 
 
+class Checkpointer:
+    """Where training starts, when to save, and the final checkpoint."""
+
+    def __init__(self, engine, *, every: int, base_state: dict[str, Any], rank: int) -> None:
+        self.engine, self.every, self.base_state, self.rank = engine, every, base_state, rank
+        self.last_saved: int | None = None
+
+    def load(self, ckpt) -> dict[str, Any]:
+        """The training state to start from: fresh, or the one in ``ckpt`` (a ray.train.Checkpoint)."""
+        state = {"epoch": 0, "next_batch": 0, "step": 0}
+        if ckpt is not None:
+            with ckpt.as_directory() as d:
+                _, client = self.engine.load_checkpoint(d, tag=DS_TAG)
+                state = dict(client["train_state"])
+            if self.rank == 0:
+                print(f"resumed at step {state['step']} (epoch {state['epoch']}, batch {state['next_batch']})",
+                      flush=True)
+        self.last_saved = state["step"]
+        return state
+
+    def should_save(self, step: int, last: bool) -> bool:
+        return step % self.every == 0 or last
+
+    def save(self, *, step: int, epoch: int, next_batch: int, metrics: dict[str, float]) -> None:
+        state = {**self.base_state, "epoch": epoch, "next_batch": next_batch, "step": step}
+        save_checkpoint(self.engine, state, metrics, self.rank)
+        self.last_saved = step
+
+    def finish(self, *, step: int, epochs: int, metrics: dict[str, float]) -> None:
+        """The end of training: a final checkpoint unless the last step already has one."""
+        if self.last_saved != step or step == 0:  # epochs ran out before max_steps
+            self.save(step=step, epoch=epochs, next_batch=0, metrics=metrics)
+
+
+# ---------------------------------------------------------------------------------------------
+# the worker function
+# ---------------------------------------------------------------------------------------------
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray
     import ray.train
@@ -144,102 +311,62 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     val_plan = D.validation_plan(val_idx, seed=seed, rank=rank, world=world, batch_size=cfg.data.batch_size,
                                  max_cells=cfg.data.val_max_cells)
 
-    # resume: a checkpoint restored by Ray Train (worker restart) or the one the driver found
-    state = {"epoch": 0, "next_batch": 0, "step": 0}
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is None and config.get("resume_path"):
-        ckpt = ray.train.Checkpoint(config["resume_path"])
-    if ckpt is not None:
-        with ckpt.as_directory() as d:
-            _, client = engine.load_checkpoint(d, tag=DS_TAG)
-            state = dict(client["train_state"])
-        if rank == 0:
-            print(f"resumed at step {state['step']} (epoch {state['epoch']}, batch {state['next_batch']})", flush=True)
     base_state = {k: config[k] for k in ("mlflow_run_id", "vocab_hash", "manifest_hash", "world_size")}
     nodes: list = [None] * world  # which Ray node each rank runs on (recorded in every checkpoint)
     dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
-    base_state["nodes"] = nodes
-    base_state["train"] = config["train"]
-    base_state["model_config"] = config["model_config"]
+    base_state.update(nodes=nodes, train=config["train"], model_config=config["model_config"])
 
-    metrics_log = None
+    # resume: a checkpoint restored by Ray Train (worker restart) or the one the driver found
+    checkpointer = Checkpointer(engine, every=cfg.schedule.checkpoint_every, base_state=base_state, rank=rank)
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is None and config.get("resume_path"):
+        ckpt = ray.train.Checkpoint(config["resume_path"])
+    state = checkpointer.load(ckpt)
+
+    mlflow_logger = None
     if rank == 0 and config.get("mlflow_run_id"):
         from training.tracking import MetricLogger
 
-        metrics_log = MetricLogger(config["tracking_uri"], config["mlflow_run_id"])
+        mlflow_logger = MetricLogger(config["tracking_uri"], config["mlflow_run_id"])
+    meter = MetricsAccumulator(world=world, rank=rank, device=device, total_steps=total_steps,
+                               peak_flops_per_device=cfg.cluster.peak_tflops * 1e12 if on_gpu else None,
+                               mlflow_logger=mlflow_logger)
+    validator = Validator(engine, cfg, mcfg, val_store, val_plan, device=device, bf16=bf16, rank=rank)
+    train_step = TrainStep(engine, mcfg, device=device, bf16=bf16, grad_accum=cfg.optim.grad_accum, seed=seed,
+                           rank=rank, count_flops=on_gpu)  # MFU only means something against a known peak
     seen_dir = Path(config["audit_dir"]) / "seen" if cfg.data.record_seen else None
 
-    ga = cfg.optim.grad_accum
     step = state["step"]
-    last_ckpt = step
-    acc: dict[str, float] = {}
-    t_step = time.perf_counter()
     metrics: dict[str, float] = {}
     done = step >= total_steps
+    t_step = time.perf_counter()
     for epoch in range(state["epoch"], cfg.schedule.epochs):
         if done:
             break
         plan = D.rank_plan(train_idx, seed=seed, epoch=epoch, rank=rank, world=world, batch_size=cfg.data.batch_size,
-                           grad_accum=ga, bucket_window=cfg.data.bucket_window, max_len=mcfg.max_seq_len,
-                           shuffle_shards=cfg.data.shuffle_shards)
+                           grad_accum=cfg.optim.grad_accum, bucket_window=cfg.data.bucket_window,
+                           max_len=mcfg.max_seq_len, shuffle_shards=cfg.data.shuffle_shards)
         start = state["next_batch"] if epoch == state["epoch"] else 0
         collate = make_collate(cfg, mcfg, epoch=epoch, rank=rank)
         seen: list[np.ndarray] = []
-        for lb in D.iterate(plan, store, collate, start=start, prefetch=cfg.data.prefetch_batches):
-            # dropout draws depend only on (seed, epoch, rank, batch): resume replays them exactly
-            torch.manual_seed(_seed_for(seed, epoch, rank, lb.index))
-            batch = _to_device(lb.batch, device, bf16)
-            total, terms = engine(batch)
-            engine.backward(total)
-            lr_used = engine.get_lr()[0]  # the lr this optimizer step applies (the scheduler moves in step())
-            engine.step()
-            seen.append(lb.joinids)
-            for k, v in {"loss": total, **{f"loss_{k}": t for k, t in terms.items()}}.items():
-                acc[k] = acc.get(k, 0.0) + float(v.detach()) / ga
-            acc["cells"] = acc.get("cells", 0.0) + batch.n_cells
-            acc["tokens"] = acc.get("tokens", 0.0) + batch.n_tokens
-            acc["slots"] = acc.get("slots", 0.0) + batch.genes.numel()
-            if on_gpu:  # MFU only means something against a known accelerator peak
-                acc["flops"] = acc.get("flops", 0.0) + _batch_flops(mcfg, batch)
-            if (lb.index + 1) % ga:
-                continue
-            # ---- one optimizer step done (the plan has a multiple of ga batches per epoch)
-            step += 1
-            if cfg.schedule.step_sleep_s:
-                time.sleep(cfg.schedule.step_sleep_s)
-            keys = sorted(acc)
-            red = dict(zip(keys, _allreduce([acc[k] for k in keys], device)))
-            dt = time.perf_counter() - t_step
-            grad_norm = engine.get_global_grad_norm()
-            metrics = {k: red[k] / world for k in keys if k.startswith("loss")}
-            metrics.update({
-                "lr": lr_used,
-                "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-                "cells_per_s": red["cells"] / dt, "tokens_per_s": red["tokens"] / dt,
-                "padding_fraction": 1.0 - red["tokens"] / max(red["slots"], 1.0), "epoch": float(epoch),
-            })
-            if "flops" in red:  # global FLOPs / (wall x world x per-device peak)
-                metrics["mfu"] = red["flops"] / dt / (world * cfg.cluster.peak_tflops * 1e12)
-            done = step >= total_steps
-            if step % cfg.schedule.val_every == 0 or done:
-                metrics.update(validate(engine, cfg, mcfg, val_store, val_plan, device, bf16, rank))
-            if rank == 0:
-                print(f"step {step}/{total_steps} epoch {epoch} " + " ".join(
-                    f"{k} {v:.4g}" for k, v in metrics.items() if k != "epoch"), flush=True)
-                if metrics_log is not None:
-                    metrics_log.log(metrics, step)
-            acc = {}
-            if step % cfg.schedule.checkpoint_every == 0 or done:
-                state = {**base_state, "epoch": epoch, "next_batch": lb.index + 1, "step": step}
-                if lb.index + 1 == len(plan):
-                    state.update(epoch=epoch + 1, next_batch=0)
-                save_checkpoint(engine, state, metrics, rank)
-                last_ckpt = step
-            t_step = time.perf_counter()
-            if done:
-                break
+        with closing(D.iterate(plan, store, collate, start=start, prefetch=cfg.data.prefetch_batches)) as batches:
+            while not done and (rec := train_step(batches, epoch)) is not None:
+                step += 1
+                seen.extend(rec.joinids)
+                if cfg.schedule.step_sleep_s:
+                    time.sleep(cfg.schedule.step_sleep_s)
+                metrics = meter.reduce(rec, grad_norm=engine.get_global_grad_norm(),
+                                       started=t_step, epoch=epoch)
+                done = step >= total_steps
+                if validator.should_run(step, done):
+                    metrics.update(validator.run())
+                if meter.should_log(step, done):
+                    meter.log(step, epoch, metrics)
+                if checkpointer.should_save(step, done):
+                    end_of_epoch = rec.last_index + 1 == len(plan)
+                    checkpointer.save(step=step, epoch=epoch + 1 if end_of_epoch else epoch,
+                                      next_batch=0 if end_of_epoch else rec.last_index + 1, metrics=metrics)
+                t_step = time.perf_counter()
         if seen_dir is not None:
             D.write_seen(seen_dir, epoch, rank, seen)
-    if last_ckpt != step or step == 0:  # epochs ran out before max_steps: final checkpoint
-        state = {**base_state, "epoch": cfg.schedule.epochs, "next_batch": 0, "step": step}
-        save_checkpoint(engine, state, metrics, rank)
+    checkpointer.finish(step=step, epochs=cfg.schedule.epochs, metrics=metrics)
