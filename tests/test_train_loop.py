@@ -140,3 +140,52 @@ def test_each_part_decides_when_it_is_due():
     v = Validator(None, cfg, _debug_cfg(), None, [], device=torch.device("cpu"), bf16=False, rank=0)
     assert [s for s in range(1, 11) if v.should_run(s, s == 10)] == [5, 10]
 
+
+class ListLogger:
+    def __init__(self) -> None:
+        self.steps: list[int] = []
+        self.pending: list = []
+
+    def log(self, metrics, step):
+        self.steps.append(step)
+
+    def flush(self):
+        return True
+
+
+def test_a_resumed_run_does_not_log_a_replayed_step_again(capsys):
+    logger = ListLogger()
+    meter = MetricsAccumulator(world=1, rank=0, device=torch.device("cpu"), total_steps=8, peak_flops_per_device=None,
+                               mlflow_logger=logger, logged_through=5)
+    for s in range(5, 9):  # resumed from the step-4 checkpoint; step 5 was logged before the interrupt
+        meter.log(s, 0, {"loss": 1.0})
+    assert logger.steps == [6, 7, 8]
+    assert capsys.readouterr().out.count("step ") == 4, "every step still prints its line"
+
+
+def _ckpt(tmp_path, step):
+    import json
+
+    import ray.train
+
+    from training.worker import STATE_FILE
+
+    d = tmp_path / f"checkpoint_{step}"
+    d.mkdir()
+    (d / STATE_FILE).write_text(json.dumps({"step": step}))
+    return d, ray.train.Checkpoint(str(d))
+
+
+def test_the_driver_s_checkpoint_wins_over_an_older_ray_snapshot(tmp_path):
+    from training.worker import checkpoint_step, start_checkpoint
+
+    d2, c2 = _ckpt(tmp_path, 2)
+    d4, c4 = _ckpt(tmp_path, 4)
+    d6, c6 = _ckpt(tmp_path, 6)
+    # --resume found step 4 on disk; Ray's snapshot of the earlier fit still names step 2
+    assert checkpoint_step(start_checkpoint(str(d4), c2)) == 4
+    assert checkpoint_step(start_checkpoint(str(d4), None)) == 4
+    # a worker restart inside this fit after step 6: Ray's newer checkpoint
+    assert checkpoint_step(start_checkpoint(str(d4), c6)) == 6
+    # a new run: whatever Ray restored (None on a fresh run)
+    assert start_checkpoint(None, None) is None and start_checkpoint(None, c2) is c2

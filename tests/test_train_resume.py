@@ -79,14 +79,16 @@ def test_sigkill_then_resume_matches_uninterrupted(pretrain_run, tmp_path):
                               "--storage-path", str(storage), "--step-sleep", "0"],
                              cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    # one source of truth: the step the driver announces is the step the workers load
+    assert "resuming from step 4" in resumed.stdout
     assert "resumed at step 4" in resumed.stdout + resumed.stderr
     assert "not registered" in resumed.stdout  # --no-register came back with the run's saved config
     # the same MLflow run, continued at the same step: one run, every step logged once
     runs = c.search_runs([e.experiment_id for e in c.search_experiments()])
     assert [r.info.run_id for r in runs] == [run_id] and runs[0].info.status == "FINISHED"
     assert "resumed_at" in runs[0].data.tags
-    steps = sorted({m.step for m in c.get_metric_history(run_id, "loss")})
-    assert steps == list(range(1, 13))
+    steps = sorted(m.step for m in c.get_metric_history(run_id, "loss"))
+    assert steps == list(range(1, 13)), "a step logged twice (or missing) after the resume"
     ck = find_checkpoint(storage, str(run_dir))
     assert json.loads((ck / "train_state.json").read_text())["step"] == 12
     # same weights as the run that never stopped (its registered fp32 export vs our final ZeRO checkpoint)

@@ -260,6 +260,12 @@ def _open_run(cfg: TrainConfig, inp: _Inputs, sched: _Schedule) -> str:
                    "deepspeed_config.json": deepspeed_config(cfg, on_gpu=cfg.cluster.use_gpu)})
 
 
+def _logged_through(uri: str, run_id: str) -> int:
+    """The last step a run logged to MLflow (0: none), so that a resumed run logs each step once."""
+    history = tracking.client(uri).get_metric_history(run_id, "loss")
+    return max((m.step for m in history), default=0)
+
+
 def _register(cfg: TrainConfig, inp: _Inputs, run_id: str, ckpt_path: Path, final: dict[str, Any]) -> str | None:
     """Export the final checkpoint and register it (None when registration is off)."""
     if not cfg.tracking.register:
@@ -287,18 +293,24 @@ def run_pretrain(cfg: TrainConfig, *, resume: str | None = None) -> PretrainResu
     started = _start_ray(cfg)
     try:
         check_resources(cfg)
+        logged_through = 0
         if resumed is None:
             run_id = _open_run(cfg, inp, sched)
         else:
             run_id = resumed.run_id
             tracking.reopen_run(inp.uri, run_id)
+            logged_through = _logged_through(inp.uri, run_id)
+            if logged_through > resumed.step:
+                print(f"steps {resumed.step + 1}-{logged_through} ran after checkpoint {resumed.step} before the "
+                      "run stopped: they are trained again and not logged to MLflow a second time", flush=True)
         print(f"mlflow run {run_id} ({inp.uri}); {sched.n_train} training cells, {sched.steps_per_epoch} "
               f"steps/epoch, {sched.total_steps} steps"
               + (f", resuming from step {resumed.step}" if resumed is not None else ""), flush=True)
         result = _fit(cfg, inp.mcfg, inp.storage, {
             "train": cfg.to_dict(), "model_config": inp.mcfg.to_dict(), "total_steps": sched.total_steps,
             "resume_path": resumed.path if resumed is not None else None, "mlflow_run_id": run_id,
-            "tracking_uri": inp.uri, "vocab_hash": inp.vocab.hash(), "manifest_hash": inp.manifest_hash,
+            "logged_through": logged_through, "tracking_uri": inp.uri, "vocab_hash": inp.vocab.hash(),
+            "manifest_hash": inp.manifest_hash,
             "world_size": cfg.cluster.num_workers, "audit_dir": str(inp.storage / cfg.cluster.run_name)})
         try:
             ckpt_path, final = _final_checkpoint(result)

@@ -156,10 +156,14 @@ class MetricsAccumulator:
     """
 
     def __init__(self, *, world: int, rank: int, device: torch.device, total_steps: int,
-                 peak_flops_per_device: float | None, mlflow_logger=None, log_every: int = 1) -> None:
+                 peak_flops_per_device: float | None, mlflow_logger=None, log_every: int = 1,
+                 logged_through: int = 0) -> None:
         self.world, self.rank, self.device, self.total_steps = world, rank, device, total_steps
         self.peak = peak_flops_per_device
         self.mlflow_logger, self.log_every = mlflow_logger, log_every
+        # a resumed run replays the steps between its checkpoint and the interrupt: those are in
+        # MLflow already (the replay is deterministic), so they are printed but not logged again
+        self.logged_through = logged_through
 
     def reduce(self, rec: StepRecord, *, grad_norm, started: float, epoch: int) -> dict[str, float]:
         """The step's metrics; ``started`` is the step's ``time.perf_counter()`` start (the wall
@@ -194,8 +198,13 @@ class MetricsAccumulator:
             return
         print(f"step {step}/{self.total_steps} epoch {epoch} " + " ".join(
             f"{k} {v:.4g}" for k, v in metrics.items() if k != "epoch"), flush=True)
-        if self.mlflow_logger is not None:
+        if self.mlflow_logger is not None and step > self.logged_through:
             self.mlflow_logger.log(metrics, step)
+
+    def close(self) -> None:
+        """End of training: send any points held through an MLflow outage."""
+        if self.mlflow_logger is not None and not self.mlflow_logger.flush():
+            log.warning("MLflow metric logging: %d points could not be sent", len(self.mlflow_logger.pending))
 
 
 class Validator:
@@ -249,7 +258,8 @@ class Checkpointer:
         self.last_saved: int | None = None
 
     def load(self, ckpt) -> dict[str, Any]:
-        """The training state to start from: fresh, or the one in ``ckpt`` (a ray.train.Checkpoint)."""
+        """The training state to start from: fresh, or the one in ``ckpt`` (a ray.train.Checkpoint,
+        from :func:`start_checkpoint`)."""
         state = {"epoch": 0, "next_batch": 0, "step": 0}
         if ckpt is not None:
             with ckpt.as_directory() as d:
@@ -273,6 +283,32 @@ class Checkpointer:
         """The end of training: a final checkpoint unless the last step already has one."""
         if self.last_saved != step or step == 0:  # epochs ran out before max_steps
             self.save(step=step, epoch=epochs, next_batch=0, metrics=metrics)
+
+
+def checkpoint_step(ckpt) -> int:
+    """The optimizer step a checkpoint (a ray.train.Checkpoint) was written at."""
+    with ckpt.as_directory() as d:
+        return int(json.loads((Path(d) / STATE_FILE).read_text())["step"])
+
+
+def start_checkpoint(resume_path: str | None, restored):
+    """The one checkpoint a worker starts from.
+
+    ``resume_path`` is the checkpoint the driver chose and announced (``--resume``: the newest
+    complete one on disk). ``restored`` is Ray Train's ``get_checkpoint()``: after a worker restart
+    the newest one reported in this fit, but on a new fit of the same run it is whatever Ray's
+    snapshot last recorded, which can be older than the driver's choice (interrupted after a
+    checkpoint was written and before Ray recorded it). The driver's choice wins unless Ray's is
+    newer (a restart of this fit after later checkpoints).
+    """
+    import ray.train
+
+    if not resume_path:
+        return restored
+    chosen = ray.train.Checkpoint(resume_path)
+    if restored is not None and checkpoint_step(restored) > checkpoint_step(chosen):
+        return restored
+    return chosen
 
 
 # ---------------------------------------------------------------------------------------------
@@ -316,12 +352,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
     base_state.update(nodes=nodes, train=config["train"], model_config=config["model_config"])
 
-    # resume: a checkpoint restored by Ray Train (worker restart) or the one the driver found
+    # resume: the checkpoint the driver announced (or a newer one Ray Train restored in this fit)
     checkpointer = Checkpointer(engine, every=cfg.schedule.checkpoint_every, base_state=base_state, rank=rank)
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is None and config.get("resume_path"):
-        ckpt = ray.train.Checkpoint(config["resume_path"])
-    state = checkpointer.load(ckpt)
+    state = checkpointer.load(start_checkpoint(config.get("resume_path"), ray.train.get_checkpoint()))
 
     mlflow_logger = None
     if rank == 0 and config.get("mlflow_run_id"):
@@ -330,7 +363,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         mlflow_logger = MetricLogger(config["tracking_uri"], config["mlflow_run_id"])
     meter = MetricsAccumulator(world=world, rank=rank, device=device, total_steps=total_steps,
                                peak_flops_per_device=cfg.cluster.peak_tflops * 1e12 if on_gpu else None,
-                               mlflow_logger=mlflow_logger)
+                               mlflow_logger=mlflow_logger, logged_through=int(config.get("logged_through", 0)))
     validator = Validator(engine, cfg, mcfg, val_store, val_plan, device=device, bf16=bf16, rank=rank)
     train_step = TrainStep(engine, mcfg, device=device, bf16=bf16, grad_accum=cfg.optim.grad_accum, seed=seed,
                            rank=rank, count_flops=on_gpu)  # MFU only means something against a known peak
@@ -370,3 +403,4 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if seen_dir is not None:
             D.write_seen(seen_dir, epoch, rank, seen)
     checkpointer.finish(step=step, epochs=cfg.schedule.epochs, metrics=metrics)
+    meter.close()
