@@ -9,9 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import types
+import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 import yaml
 
@@ -206,19 +210,78 @@ def _known_keys(obj: Any, prefix: str = "") -> list[str]:
     return keys
 
 
-def _coerce(value: Any, current: Any, key: str, where: str) -> Any:
-    if isinstance(current, tuple) and isinstance(value, list):
-        return tuple(value)
-    if isinstance(current, bool) and not isinstance(value, bool):
-        raise TrainUsageError(f"{where}: '{key}' must be true or false, got {value!r}")
-    if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    return value
+def _expected(tp: Any) -> str:
+    """A type annotation in words, for messages: 'a number', 'a list of 2 numbers', ..."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        inner = [a for a in args if a is not type(None)]
+        return " or ".join(_expected(a) for a in inner) + (" or null" if type(None) in args else "")
+    if origin is Literal:
+        return "one of " + ", ".join(map(str, args))
+    if origin is tuple:
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"a list of {_expected(args[0]).removeprefix('a ').removeprefix('an ')}s"
+        return f"a list of {len(args)} {_expected(args[0]).removeprefix('a ').removeprefix('an ')}s"
+    if origin is dict or tp is dict:
+        return "a mapping (key: value)"
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, str(tp))
+
+
+def _bool_for_number(value: Any, tp: Any) -> bool:
+    """True where a YAML true/false stands in a numeric slot (which pydantic's lax mode would take as 1/0)."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return all(_bool_for_number(value, a) for a in args if a is not type(None))
+    if origin is tuple and isinstance(value, (list, tuple)):
+        elems = args[:1] * len(value) if len(args) == 2 and args[1] is Ellipsis else args
+        return any(_bool_for_number(v, t) for v, t in zip(value, elems))
+    return isinstance(value, bool) and tp in (int, float)
+
+
+def coerce(value: Any, tp: Any, key: str, where: str) -> Any:
+    """``value`` converted to the annotation ``tp`` (int/float/bool/str, X | None, Literal, tuple,
+    dict), or TrainUsageError naming the dotted ``key`` and the expected type.
+
+    pydantic's lax mode does the conversion, so what PyYAML leaves as a string parses as the
+    field's type (``lr: 1e-4`` is the string '1e-4' in YAML 1.1) and a list becomes a tuple;
+    true/false is refused where a number belongs, and floats must be finite."""
+    from pydantic import TypeAdapter, ValidationError
+
+    bad = TrainUsageError(f"{where}: '{key}' must be {_expected(tp)}, got {value!r} ({type(value).__name__})")
+    if _bool_for_number(value, tp):
+        raise bad
+    try:
+        out = TypeAdapter(tp).validate_python(value)
+    except ValidationError:
+        raise bad from None
+    flat = out if isinstance(out, tuple) else (out,)
+    if any(isinstance(v, float) and not math.isfinite(v) for v in flat):
+        raise bad
+    return out
+
+
+def _coerce_fields(cls: type, values: Any, key: str, where: str, skip: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A mapping of ``cls``'s fields (nested dataclasses as mappings), each value coerced."""
+    if not isinstance(values, dict):
+        raise TrainUsageError(f"{where}: '{key}' must be a mapping of {cls.__name__} fields, got {values!r} "
+                              f"({type(values).__name__})")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls) if f.name not in skip]
+    out = {}
+    for k, v in values.items():
+        if k not in names:
+            raise TrainUsageError(f"{where}: unknown key '{key}.{k}'. Known keys: {', '.join(names)}")
+        tp = hints[k]
+        out[k] = (_coerce_fields(tp, v, f"{key}.{k}", where) if dataclasses.is_dataclass(tp)
+                  else coerce(v, tp, f"{key}.{k}", where))
+    return out
 
 
 def apply_overrides(obj: Any, values: dict[str, Any], *, where: str, prefix: str = "") -> None:
-    """Set nested dataclass fields from a (nested) dict; unknown keys raise TrainUsageError."""
+    """Set nested dataclass fields from a (nested) dict, each value coerced to its field's type;
+    unknown keys and values of the wrong type raise TrainUsageError naming the dotted key."""
     names = {f.name for f in dataclasses.fields(obj)}
+    hints = typing.get_type_hints(type(obj))
     for key, value in values.items():
         dotted = f"{prefix}{key}"
         if key not in names:
@@ -230,8 +293,13 @@ def apply_overrides(obj: Any, values: dict[str, Any], *, where: str, prefix: str
             if not isinstance(value, dict):
                 raise TrainUsageError(f"{where}: '{dotted}' must be a mapping of its fields, got {value!r}")
             apply_overrides(current, value, where=where, prefix=f"{dotted}.")
+        elif dotted == "model.overrides":  # ModelConfig fields: typed by scgpt_model's dataclass
+            from scgpt_model.config import ModelConfig
+
+            # vocab_size comes from the shard set's vocabulary, never from the config
+            setattr(obj, key, _coerce_fields(ModelConfig, value, dotted, where, skip=("vocab_size",)))
         else:
-            setattr(obj, key, _coerce(value, current, dotted, where))
+            setattr(obj, key, coerce(value, hints[key], dotted, where))
 
 
 def load_config(spec: str) -> TrainConfig:
@@ -270,14 +338,27 @@ def validate(cfg: TrainConfig) -> None:
                     ("schedule.epochs", cfg.schedule.epochs), ("cluster.num_workers", cfg.cluster.num_workers),
                     ("schedule.checkpoint_every", cfg.schedule.checkpoint_every),
                     ("schedule.val_every", cfg.schedule.val_every), ("data.bucket_window", cfg.data.bucket_window),
-                    ("data.shuffle_shards", cfg.data.shuffle_shards)):
+                    ("data.shuffle_shards", cfg.data.shuffle_shards), ("data.val_max_cells", cfg.data.val_max_cells),
+                    ("data.prefetch_batches", cfg.data.prefetch_batches)):
         if not isinstance(v, int) or v < 1:
             problems.append(f"{name} must be a positive integer (got {v!r})")
-    if cfg.schedule.max_steps is not None and cfg.schedule.max_steps < 1:
-        problems.append(f"schedule.max_steps must be >= 1 (got {cfg.schedule.max_steps})")
-    if not cfg.optim.lr > 0:
-        problems.append(f"optim.lr must be > 0 (got {cfg.optim.lr})")
-    if not all(0 < r < 1 for r in cfg.data.unknown_ratios):
+    for name, v in (("schedule.max_steps", cfg.schedule.max_steps), ("data.max_train_cells", cfg.data.max_train_cells)):
+        if v is not None and v < 1:
+            problems.append(f"{name} must be >= 1, or null for no limit (got {v})")
+    for name, v, ok, rule in (
+            ("optim.lr", cfg.optim.lr, cfg.optim.lr > 0, "> 0"),
+            ("optim.eps", cfg.optim.eps, cfg.optim.eps > 0, "> 0"),
+            ("optim.weight_decay", cfg.optim.weight_decay, cfg.optim.weight_decay >= 0, ">= 0"),
+            ("optim.warmup_steps", cfg.optim.warmup_steps, cfg.optim.warmup_steps >= 0, ">= 0"),
+            ("optim.min_lr_ratio", cfg.optim.min_lr_ratio, 0 <= cfg.optim.min_lr_ratio <= 1, "in [0, 1]"),
+            ("optim.grad_clip", cfg.optim.grad_clip, cfg.optim.grad_clip >= 0, ">= 0 (0: no clipping)"),
+            ("optim.betas", cfg.optim.betas, all(0 <= b < 1 for b in cfg.optim.betas), "in [0, 1) each"),
+            ("cluster.cpus_per_worker", cfg.cluster.cpus_per_worker, cfg.cluster.cpus_per_worker > 0, "> 0"),
+            ("cluster.peak_tflops", cfg.cluster.peak_tflops, cfg.cluster.peak_tflops > 0, "> 0"),
+            ("schedule.step_sleep_s", cfg.schedule.step_sleep_s, cfg.schedule.step_sleep_s >= 0, ">= 0")):
+        if not ok:
+            problems.append(f"{name} must be {rule} (got {v})")
+    if not cfg.data.unknown_ratios or not all(0 < r < 1 for r in cfg.data.unknown_ratios):
         problems.append(f"data.unknown_ratios must lie in (0, 1) (got {cfg.data.unknown_ratios})")
     if cfg.deepspeed.precision == "bf16" and cfg.deepspeed.optimizer == "fused_adam" and not cfg.cluster.use_gpu:
         problems.append("deepspeed.optimizer fused_adam needs --use-gpu; use 'torch' or 'cpu_adam' on CPU")
