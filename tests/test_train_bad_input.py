@@ -39,17 +39,46 @@ def test_missing_shards(tmp_path):
     _nothing_written(tmp_path)
 
 
-def test_shards_failing_validation(tiny_shards, tmp_path):
+def test_shards_failing_the_preflight_or_verification(tiny_shards, tmp_path):
+    from shardset import Manifest
+
     bad = tmp_path / "bad_shards"
     shutil.copytree(tiny_shards, bad)
-    part = sorted((bad / "shards").glob("*.parquet"))[0]
-    part.write_bytes(part.read_bytes()[:-10] + b"0123456789")  # same size, different content
-    code, err = _train(tmp_path, "--shards", str(bad))
+    parts = sorted((bad / "shards").glob("*.parquet"))
+    parts[0].write_bytes(parts[0].read_bytes()[:-10] + b"0123456789")  # same size, different content
+    code, err = _train(tmp_path, "--shards", str(bad), "--verify-shards")  # full verification on request
     assert code == 2 and "failed validation" in err and "sha256" in err
-    (sorted((bad / "shards").glob("*.parquet"))[1]).unlink()
+    parts[1].write_bytes(parts[1].read_bytes() + b"x")  # another size: the cheap pre-flight sees it
     code, err = _train(tmp_path, "--shards", str(bad))
-    assert code == 2 and "missing" in err
+    assert code == 2 and "differ from the manifest" in err and f"{parts[1].name}: " in err and "bytes" in err
+    assert "ingest validate" in err
+    parts[2].unlink()
+    code, err = _train(tmp_path, "--shards", str(bad))
+    assert code == 2 and f"{parts[2].name}: missing" in err
+    m = Manifest.load(bad)
+    m.replace(complete=False, shards=m.shards[:-1]).write(bad)
+    code, err = _train(tmp_path, "--shards", str(bad))
+    assert code == 2 and "incomplete" in err and "re-run the same `ingest census`" in err
     _nothing_written(tmp_path)
+
+
+def test_the_preflight_reads_no_shard(tiny_shards, monkeypatch):
+    """Issue 13.4: before step 1 the driver checks hashes, completeness and sizes; it decodes and
+    hashes no shard (at Census scale that is reading the whole data set)."""
+    import pyarrow.parquet as pq
+
+    import shardset.manifest
+    from training.launch import check_shards
+
+    def no_read(*a, **k):
+        raise AssertionError("the pre-flight read a shard")
+
+    for mod, name in ((pq, "read_table"), (pq, "ParquetFile"), (shardset.manifest, "sha256_file")):
+        monkeypatch.setattr(mod, name, no_read)
+    manifest, vocab = check_shards(str(tiny_shards))
+    assert manifest.vocab_hash == vocab.hash() and manifest.complete
+    with pytest.raises(AssertionError, match="read a shard"):
+        check_shards(str(tiny_shards), verify=True)
 
 
 def test_unknown_preset_and_config_keys(tiny_shards, tmp_path):

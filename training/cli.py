@@ -79,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="continue a run from its newest checkpoint: no value = newest run under --storage-path, "
                           "or a run name, or a run/checkpoint folder")
     pre.add_argument("--no-register", action="store_true", help="skip the MLflow model registration")
+    pre.add_argument("--verify-shards", action="store_true",
+                     help="decode and hash every shard before step 1, as `ingest validate` does (default: the cheap "
+                          "pre-flight: manifest and vocabulary hashes, completeness, file sizes)")
     pre.add_argument("--record-seen", action="store_true",
                      help="audit: each worker writes the soma_joinids it trained on per epoch (<run>/seen/)")
     for flag, key, typ, hlp in OVERRIDES:
@@ -136,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         localray.prepare(cfg.cluster.ray_address)  # before anything imports ray
         from training.launch import run_pretrain
 
-        res = run_pretrain(cfg, resume=args.resume)
+        res = run_pretrain(cfg, resume=args.resume, verify_shards=args.verify_shards)
     except TrainUsageError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2

@@ -241,3 +241,36 @@ def write_seen(path: Path, epoch: int, rank: int, joinids: list[np.ndarray]) -> 
     path.mkdir(parents=True, exist_ok=True)
     ids = np.concatenate(joinids).tolist() if joinids else []
     (path / f"epoch{epoch:03d}-rank{rank:03d}.json").write_text(json.dumps(ids))
+
+
+def preflight(shards_dir: str | Path, manifest: Manifest) -> None:
+    """The cheap checks ``train`` runs before step 1 (and on every ``--resume``): the shard set is
+    complete and every shard the manifest lists is there with the size it recorded.
+
+    Nothing is decoded or hashed: at Census scale that means reading the whole data set on the
+    driver before the first step. The manifest's own hash is checked when it is loaded and the
+    vocabulary's against it by the caller; checksums and the data contract are ``ingest validate``
+    (or ``train pretrain --verify-shards``). Raises TrainUsageError listing every problem.
+    """
+    shards_dir = Path(shards_dir)
+    if not manifest.complete or len(manifest.shards) != manifest.n_shards_planned:
+        raise TrainUsageError(
+            f"--shards {shards_dir}: the shard set is incomplete ({len(manifest.shards)} of "
+            f"{manifest.n_shards_planned} shards; an ingest was interrupted): re-run the same `ingest census` "
+            "command to finish it, then train")
+    errs = []
+    for entry in manifest.shards:
+        f = shards_dir / entry.path
+        try:
+            size = f.stat().st_size
+        except FileNotFoundError:
+            errs.append(f"{entry.path}: missing")
+            continue
+        if size != entry.n_bytes:
+            errs.append(f"{entry.path}: {size} bytes, the manifest says {entry.n_bytes}")
+    if errs:
+        shown = errs[:10] + ([f"... and {len(errs) - 10} more"] if len(errs) > 10 else [])
+        raise TrainUsageError(
+            f"--shards {shards_dir}: {len(errs)} shard file(s) differ from the manifest (changed or removed after "
+            "ingest):\n  - " + "\n  - ".join(shown) + "\nRe-ingest into a fresh --out folder (`ingest validate "
+            f"{shards_dir}` lists every problem)")

@@ -38,8 +38,10 @@ class PretrainResult:
 # ---------------------------------------------------------------------------------------------
 # input checks
 # ---------------------------------------------------------------------------------------------
-def check_shards(path: str) -> tuple[Manifest, Any]:
-    """(manifest, vocab) of a validated shard set, or TrainUsageError naming the fix."""
+def check_shards(path: str, *, verify: bool = False) -> tuple[Manifest, Any]:
+    """(manifest, vocab) of a shard set that passes the cheap pre-flight (manifest and vocabulary
+    hashes, completeness, file sizes; ``verify``: every shard decoded and hashed, as `ingest
+    validate`), or TrainUsageError naming the fix."""
     from ingest.errors import IngestError
     from scgpt_model.vocab import GeneVocab, VocabError
 
@@ -50,9 +52,10 @@ def check_shards(path: str) -> tuple[Manifest, Any]:
         raise TrainUsageError(f"--shards {path}: no manifest.json there; point it at the --out folder of "
                               "`ingest census` (it holds manifest.json, vocab.json and shards/)")
     try:
-        from ingest.validate import validate_shards
+        if verify:
+            from ingest.validate import validate_shards
 
-        validate_shards(p)
+            validate_shards(p)
         manifest = Manifest.load(p)
         vocab = GeneVocab.load(p / VOCAB_FILE)
     except (IngestError, ManifestError, VocabError) as e:
@@ -61,6 +64,7 @@ def check_shards(path: str) -> tuple[Manifest, Any]:
     if manifest.vocab_hash != vocab.hash():
         raise TrainUsageError(f"--shards {path}: vocab.json does not match the manifest's vocab_hash; "
                               "the shard set was modified after ingest — re-ingest it")
+    D.preflight(p, manifest)
     return manifest, vocab
 
 
@@ -178,9 +182,9 @@ class _Schedule:
     total_steps: int
 
 
-def _check_inputs(cfg: TrainConfig) -> _Inputs:
+def _check_inputs(cfg: TrainConfig, verify_shards: bool) -> _Inputs:
     validate(cfg)
-    manifest, vocab = check_shards(cfg.data.shards)
+    manifest, vocab = check_shards(cfg.data.shards, verify=verify_shards)
     mcfg = model_config(cfg, len(vocab))
     uri = tracking.resolve_tracking_uri(cfg.tracking.tracking_uri)
     tracking.check_tracking_uri(uri)
@@ -228,8 +232,12 @@ def _name_new_run(cfg: TrainConfig, storage: Path) -> None:
 
 
 def _schedule(cfg: TrainConfig, manifest: Manifest) -> _Schedule:
-    train_idx, _ = D.build_index(cfg.data.shards, manifest)
-    n_train = min(len(train_idx), cfg.data.max_train_cells or len(train_idx))
+    # the manifest's per-shard counts (what the workers' index will hold): no shard read on the driver
+    n_all = sum(s.n_train for s in manifest.shards)
+    if n_all == 0:
+        raise TrainUsageError(f"--shards {cfg.data.shards}: the shard set holds no training cells; re-run "
+                              "`ingest census` with a query that matches cells")
+    n_train = min(n_all, cfg.data.max_train_cells or n_all)
     world, ga = cfg.cluster.num_workers, cfg.optim.grad_accum
     steps_per_epoch = D.batches_per_epoch(n_train, world, cfg.data.batch_size, ga) // ga
     if n_train // world < steps_per_epoch * ga:
@@ -280,11 +288,13 @@ def _register(cfg: TrainConfig, inp: _Inputs, run_id: str, ckpt_path: Path, fina
         lineage=lineage_of(inp.manifest))
 
 
-def run_pretrain(cfg: TrainConfig, *, resume: str | None = None) -> PretrainResult:
-    """Everything ``train pretrain`` does after argument parsing. Raises TrainUsageError on bad input."""
+def run_pretrain(cfg: TrainConfig, *, resume: str | None = None, verify_shards: bool = False) -> PretrainResult:
+    """Everything ``train pretrain`` does after argument parsing. Raises TrainUsageError on bad input.
+    ``verify_shards``: decode and hash every shard before training (the default pre-flight only
+    checks hashes of the manifest and vocabulary, completeness and file sizes)."""
     import ray
 
-    inp = _check_inputs(cfg)
+    inp = _check_inputs(cfg, verify_shards)
     resumed = _check_resume(cfg, inp, resume) if resume is not None else None
     if resumed is None:
         _name_new_run(cfg, inp.storage)
