@@ -108,10 +108,16 @@ SUMMARY_CELL_COUNTS_SCHEMA = pa.schema(
     ]
 )
 
-# What `ingest census` needs from obs to filter and to fill the shard metadata.
-REQUIRED_OBS_COLUMNS: tuple[str, ...] = ("soma_joinid", "is_primary_data", "tissue_general", "disease",
-                                         "assay", "nnz")
-REQUIRED_VAR_COLUMNS: tuple[str, ...] = ("soma_joinid", "feature_id", "feature_name")
+# What `ingest census` needs from a store: obs and var joinids and a gene id in var. Other obs
+# columns are needed only by the option that filters on them (FILTER_OBS_COLUMNS); shard metadata
+# columns a store lacks are written as "unknown". A store written by tiledbsoma.io.from_anndata
+# (a CELLxGENE h5ad download) has no derived columns such as nnz, nor tissue_general / dataset_id,
+# and names the var index `var_id`: it is accepted (VAR_ID_ALIASES).
+REQUIRED_OBS_COLUMNS: tuple[str, ...] = ("soma_joinid",)
+REQUIRED_VAR_COLUMNS: tuple[str, ...] = ("soma_joinid",)
+VAR_ID_ALIASES: tuple[str, ...] = ("feature_id", "var_id")  # the first present is the gene id
+FILTER_OBS_COLUMNS: dict[str, str] = {"tissue_general": "--tissue", "disease": "--disease", "assay": "--assay",
+                                      "is_primary_data": "the primary-cells filter (drop it with --include-non-primary)"}
 
 # Ontology ids for the values the demo and build-census fill in (a small, checked table).
 ONTOLOGY: dict[str, dict[str, str]] = {

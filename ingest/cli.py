@@ -78,6 +78,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="value for a Census obs column the sources lack, e.g. --set tissue_general=blood")
     b.add_argument("--organism", default="Homo sapiens", help="organism recorded in the store (its Experiment "
                    "name), e.g. Homo sapiens or Mus musculus (default: %(default)s)")
+    b.add_argument("--on-duplicate-genes", choices=["sum", "first", "error"], default="sum",
+                   help="columns of one file that map to the same gene id (a repeated symbol, two aliases, two "
+                   "GENCODE versions): sum their counts, keep the first column, or refuse; a warning names them "
+                   "(default: %(default)s)")
 
     s = sub.add_parser("synth-census", help="write a synthetic Census-layout store (scale tests)")
     s.add_argument("--cells", type=int, required=True, help="cells to write, an integer >= 1")
@@ -120,7 +124,7 @@ def _run(args: argparse.Namespace) -> int:
         from ingest.build_census import build_census, parse_set_values
 
         build_census(args.h5ad, args.out, set_values=parse_set_values(args.set), layer=args.layer,
-                     organism=args.organism)
+                     organism=args.organism, on_duplicate_genes=args.on_duplicate_genes)
         print(json.dumps({"out": args.out}))
     elif args.cmd == "synth-census":
         from ingest.synth import SynthConfig, synth_census

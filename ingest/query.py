@@ -21,6 +21,7 @@ import tiledbsoma as soma
 from ingest import census_schema as cs
 from ingest.errors import IngestError
 from scgpt_model.schema import DEFAULT_N_BINS, DEFAULT_SEED, DEFAULT_VAL_FRACTION
+from shardset.genes import gene_key
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +123,8 @@ def experiment_of(census: soma.Collection, organism: str, where: str) -> soma.Ex
     var_cols = set(exp.ms["RNA"].var.schema.names)
     missing = [c for c in cs.REQUIRED_OBS_COLUMNS if c not in obs_cols]
     missing += [f"var.{c}" for c in cs.REQUIRED_VAR_COLUMNS if c not in var_cols]
+    if not var_cols & set(cs.VAR_ID_ALIASES):
+        missing.append(f"var.{' or var.'.join(cs.VAR_ID_ALIASES)}")
     if missing:
         raise IngestError(f"{where}: missing Census columns {missing}; {hint}")
     return exp
@@ -151,21 +154,38 @@ def _check_values(exp: soma.Experiment, column: str, wanted: tuple[str, ...], fl
         raise IngestError(f"{flag}: unknown {column} value(s) {bad} ({hint}). Known values: {shown}")
 
 
+def _need_obs_column(exp: soma.Experiment, column: str) -> None:
+    if column not in exp.obs.schema.names:
+        raise IngestError(f"{cs.FILTER_OBS_COLUMNS[column]} needs obs column {column!r}, which this store lacks "
+                          f"(it has {sorted(exp.obs.schema.names)}); filter with --obs-filter on a column it has, "
+                          "e.g. --obs-filter \"tissue == 'blood'\"")
+
+
 def build_filter(cfg: IngestConfig, exp: soma.Experiment) -> str:
-    """The exact obs value filter (recorded in the manifest). Each user filter is test-parsed."""
+    """The exact obs value filter (recorded in the manifest). Each user filter is test-parsed.
+
+    ``--min-genes`` is applied to each cell's in-vocabulary genes in X by the workers either way;
+    the obs ``nnz`` clause only saves reading cells that cannot pass, so a store without ``nnz``
+    (tiledbsoma.io.from_anndata) gets the same cells without it."""
     parts: list[str] = []
     if not cfg.include_non_primary:
+        _need_obs_column(exp, "is_primary_data")
         parts.append("is_primary_data == True")
     for column, values, flag in (("tissue_general", cfg.tissues, "--tissue"), ("disease", cfg.diseases, "--disease"),
                                  ("assay", cfg.assays, "--assay")):
         if values:
+            _need_obs_column(exp, column)
             _check_values(exp, column, values, flag)
             parts.append(f"{column} in [{', '.join(_quote(v) for v in values)}]")
     for f in cfg.obs_filters:
         _try_filter(exp, f, f"--obs-filter {f!r}")
         parts.append(f"({f})")
     if cfg.min_genes > 0:
-        parts.append(f"nnz >= {int(cfg.min_genes)}")
+        if "nnz" in exp.obs.schema.names:
+            parts.append(f"nnz >= {int(cfg.min_genes)}")
+        else:
+            log.info("obs has no nnz column (a store written by tiledbsoma.io.from_anndata?): --min-genes %d is "
+                     "applied from X by the workers", cfg.min_genes)
     full = " and ".join(parts)
     if full:
         _try_filter(exp, full, "the combined filter")
@@ -193,6 +213,10 @@ def query_joinids(exp: soma.Experiment, value_filter: str) -> np.ndarray:
 def dataset_refs(census: soma.Collection, exp: soma.Experiment, joinids: np.ndarray) -> list[dict]:
     """Per source dataset of ``joinids``: id, title, collection, h5ad path (``census_info/datasets``)
     and the number of cells, largest first. A store without a datasets table gives ids only."""
+    if "dataset_id" not in exp.obs.schema.names:  # one dataset, e.g. a from_anndata store of one h5ad
+        name = Path(str(census.uri).rstrip("/")).name
+        return [{"dataset_id": name, "title": name, "collection_name": "", "h5ad_path": "",
+                 "n_cells": int(joinids.size)}]
     ids: list[np.ndarray] = []
     for t in exp.obs.read(coords=(joinids,), column_names=["dataset_id"]):
         ids.append(np.asarray(t.column("dataset_id").to_pylist(), dtype=object))
@@ -212,7 +236,17 @@ def dataset_refs(census: soma.Collection, exp: soma.Experiment, joinids: np.ndar
 
 
 def var_table(exp: soma.Experiment) -> pa.Table:
-    return exp.ms["RNA"].var.read(column_names=["soma_joinid", "feature_id", "feature_name"]).concat()
+    """(soma_joinid, feature_id, feature_name) of the store's genes. feature_id is the first of
+    ``VAR_ID_ALIASES`` present (GENCODE version stripped: ``shardset.genes``); feature_name falls
+    back to the id where the store has no symbols."""
+    names = exp.ms["RNA"].var.schema.names
+    id_col = next(c for c in cs.VAR_ID_ALIASES if c in names)
+    cols = ["soma_joinid", id_col, *(["feature_name"] if "feature_name" in names else [])]
+    tbl = exp.ms["RNA"].var.read(column_names=cols).concat()
+    ids = [gene_key(str(g)) for g in tbl.column(id_col).to_pylist()]
+    syms = tbl.column("feature_name") if "feature_name" in names else pa.array(ids, pa.large_string())
+    return pa.table({"soma_joinid": tbl.column("soma_joinid"), "feature_id": pa.array(ids, pa.large_string()),
+                     "feature_name": syms})
 
 
 def pin_release(source: dict, census: soma.Collection) -> dict:
