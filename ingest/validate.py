@@ -83,49 +83,76 @@ def _check_shard(table: pa.Table, entry: ShardEntry, manifest: Manifest, n_vocab
     return errs
 
 
+# What fixes each kind of problem. A re-run of the command that wrote the folder (same arguments,
+# same --out) keeps every shard whose size and sha256 match the manifest, rewrites the rest and
+# vocab.json when its bytes differ, and finishes an interrupted ingest (ingest.run.OutputDir). A
+# shard whose checksum matches but whose content breaks the contract, or a manifest that
+# contradicts itself, was written that way: only a fresh ingest helps.
+RERUN, FRESH = "rerun", "fresh"
+
+
+def _remedy(kind: str, path: Path) -> str:
+    if kind == RERUN:
+        return (f"fix: re-run the `ingest census` command that wrote {path}, with the same arguments and the same "
+                "--out (manifest.json 'args' records them): it keeps the shards that match the manifest and rewrites "
+                "these")
+    return (f"fix: these were written this way (their checksums match the manifest), so a re-run keeps them: "
+            f"ingest again into a fresh --out (or delete {path} first) with this version of `ingest census`")
+
+
+def _report(path: Path, problems: list[tuple[str, str]]) -> str:
+    """The problems grouped under the remedy that fixes them."""
+    lines = [f"shard set {path} failed validation ({len(problems)} problem{'s' if len(problems) > 1 else ''}):"]
+    for kind in (RERUN, FRESH):
+        mine = [msg for k, msg in problems if k == kind]
+        if mine:
+            lines += [f"  {_remedy(kind, path)}:"] + [f"  - {m}" for m in mine]
+    return "\n".join(lines)
+
+
 def validate_shards(path: str | Path, *, check_checksums: bool = True) -> dict:
-    """Re-check the shard set at ``path``; returns a report, raises IngestError listing every problem."""
+    """Re-check the shard set at ``path``; returns a report, raises IngestError listing every problem
+    under the remedy that fixes it."""
     path = Path(path)
     try:
         manifest = Manifest.load(path)
     except ManifestError as e:
         raise IngestError(str(e)) from None
-    errs: list[str] = []
+    errs: list[tuple[str, str]] = []  # (remedy kind, problem)
     try:
         vocab = GeneVocab.load(path / VOCAB_FILE)
     except VocabError as e:
-        raise IngestError(f"{path}: {e}") from e
+        raise IngestError(f"{path}: {e}; {_remedy(RERUN, path).removesuffix(' these')} vocab.json") from e
     if vocab.hash() != manifest.vocab_hash:
-        errs.append(f"{VOCAB_FILE} hash {vocab.hash()[:12]} differs from the manifest's {manifest.vocab_hash[:12]}")
-    if not manifest.complete:
-        errs.append("the manifest is not complete (an ingest was interrupted): re-run the same `ingest census` "
-                    "command to finish it")
-    if len(manifest.shards) != manifest.n_shards_planned:
-        errs.append(f"{len(manifest.shards)} shards listed, {manifest.n_shards_planned} planned")
+        what = f"{VOCAB_FILE}: hash {vocab.hash()[:12]} differs from the manifest's {manifest.vocab_hash[:12]}"
+        errs.append((RERUN, f"{what} (changed after ingest)"))
+    if not manifest.complete or len(manifest.shards) != manifest.n_shards_planned:
+        n, planned = len(manifest.shards), manifest.n_shards_planned
+        errs.append((RERUN, f"the manifest is not complete ({n} of {planned} shards: an ingest was interrupted)"))
     seen_max = -1
     n_cells = n_nnz = 0
     for entry in manifest.shards:
         f = path / entry.path
         if not f.exists():
-            errs.append(f"{entry.path}: missing")
+            errs.append((RERUN, f"{entry.path}: missing"))
             continue
         if f.stat().st_size != entry.n_bytes:
-            errs.append(f"{entry.path}: {f.stat().st_size} bytes, manifest says {entry.n_bytes}")
+            errs.append((RERUN, f"{entry.path}: {f.stat().st_size} bytes, manifest says {entry.n_bytes}"))
             continue
         if check_checksums and sha256_file(f) != entry.sha256:
-            errs.append(f"{entry.path}: sha256 differs from the manifest (file changed after ingest)")
+            errs.append((RERUN, f"{entry.path}: sha256 differs from the manifest (file changed after ingest)"))
             continue
         if entry.joinid_min <= seen_max:
-            errs.append(f"{entry.path}: joinid range overlaps the previous shard")
+            errs.append((FRESH, f"{entry.path}: joinid range overlaps the previous shard"))
         seen_max = entry.joinid_max
         table = pq.read_table(f)
-        errs += _check_shard(table, entry, manifest, len(vocab))
+        errs += [(FRESH, e) for e in _check_shard(table, entry, manifest, len(vocab))]
         n_cells += table.num_rows
         n_nnz += int(table.column(N_GENES).to_numpy().sum())
-    if n_cells != manifest.totals.cells:
-        errs.append(f"{n_cells} cells in the shards, totals say {manifest.totals.cells}")
+    if n_cells != manifest.totals.cells and not any(k == RERUN for k, _ in errs):
+        errs.append((FRESH, f"{n_cells} cells in the shards, the manifest's totals say {manifest.totals.cells}"))
     if errs:
-        raise IngestError(f"shard set {path} failed validation:\n  - " + "\n  - ".join(errs))
+        raise IngestError(_report(path, errs))
     report = {"path": str(path), "ok": True, "n_shards": len(manifest.shards), "n_cells": n_cells,
               "n_nonzeros": n_nnz, "n_val": manifest.totals.n_val, "manifest_hash": manifest.hash(),
               "vocab_size": len(vocab)}

@@ -267,8 +267,12 @@ class Manifest(_Record):
             raise ManifestError(f"{e}; the manifest was not written by this version of `ingest census` (or was "
                                 "edited): re-run `ingest census` into a fresh --out") from None
         if data.get("manifest_hash") != m.hash():
-            raise ManifestError(f"{where}: manifest_hash does not match its content (edited by hand?); "
-                                "run `ingest validate` on it, or re-ingest into a fresh --out")
+            # `ingest validate` and a re-run into the same --out both stop at this very check, so the
+            # only fix that works is a new manifest: a fresh ingest
+            raise ManifestError(f"{where}: manifest_hash does not match its content (the file was edited or "
+                                "damaged after ingest), so the shard set cannot be trusted: ingest again into a "
+                                "fresh --out, or delete this folder and re-run the `ingest census` command that "
+                                "wrote it")
         return m
 
     @classmethod
