@@ -21,6 +21,7 @@ from eval.errors import EvalError
 from eval.genes import DATA_DIR, GeneMatch, match_genes
 from scgpt_model.schema import DEFAULT_N_BINS
 from scgpt_model.vocab import GeneVocab
+from shardset.counts import NEGATIVE, NONFINITE, first_bad_count
 
 log = logging.getLogger(__name__)
 
@@ -67,24 +68,28 @@ def load_dataset(spec: str) -> tuple[str, ad.AnnData, ShippedDataset | None]:
 
 
 def check_counts(adata: ad.AnnData, name: str) -> None:
-    """Raw counts: finite, non-negative, integer-valued. Log-normalized input is refused."""
+    """Raw counts (``shardset.counts``, the rule ingest applies): finite, non-negative,
+    integer-valued, every value checked. Log-normalized input is refused."""
     X = adata.X
     if X is None:
         raise EvalError(f"dataset {name} has no X matrix; put raw counts in X")
-    vals = X.data if sp.issparse(X) else np.asarray(X).ravel()
-    vals = vals[: 2_000_000]  # a prefix is enough to tell counts from normalized values
+    try:
+        bad = first_bad_count(X.data if sp.issparse(X) else np.asarray(X))
+    except TypeError as e:
+        raise EvalError(f"dataset {name}: X is not numeric ({e}); put raw counts in X") from None
+    if bad is None:
+        return
     hint = (" It has adata.layers['counts']: set adata.X = adata.layers['counts'] and save it again."
             if "counts" in adata.layers else "")
-    if vals.size and not np.all(np.isfinite(vals)):
+    if bad.kind == NONFINITE:
         raise EvalError(f"dataset {name} has non-finite values (NaN/inf) in X; pass raw counts.{hint}")
-    if vals.size and vals.min() < 0:
-        raise EvalError(f"dataset {name} has negative values in X (scaled data?); pass raw counts.{hint}")
-    frac = vals[np.abs(vals - np.round(vals)) > 1e-6]
-    if frac.size:
-        raise EvalError(
-            f"dataset {name} has non-integer values in X (e.g. {float(frac[0]):.4g}): it looks "
-            f"log-normalized, but the evaluation needs raw counts (binning and HVG selection run on "
-            f"counts).{hint}")
+    if bad.kind == NEGATIVE:
+        raise EvalError(f"dataset {name} has negative values in X (e.g. {bad.value:.4g}; scaled data?); "
+                        f"pass raw counts.{hint}")
+    raise EvalError(
+        f"dataset {name} has non-integer values in X (e.g. {bad.value:.4g}): it looks "
+        f"log-normalized, but the evaluation needs raw counts (binning and HVG selection run on "
+        f"counts).{hint}")
 
 
 def check_obs_key(adata: ad.AnnData, key: str | None, what: str, name: str) -> None:

@@ -17,6 +17,8 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+from shardset.counts import NEGATIVE, NONFINITE, NONINTEGER
+
 # codes of the first bad count a pass finds (0 = none)
 BAD_NONFINITE, BAD_NEGATIVE, BAD_NONINTEGER, BAD_ROW = 1, 2, 3, 4
 
@@ -161,7 +163,8 @@ class BadCounts(ValueError):
         self.kind, self.soma_joinid, self.value = kind, soma_joinid, value
 
 
-_KINDS = {BAD_NONFINITE: "non-finite (NaN/inf)", BAD_NEGATIVE: "negative", BAD_NONINTEGER: "non-integer"}
+# the rule of shardset.counts, fused into the numba pass (tests/test_counts.py binds the two)
+_KINDS = {BAD_NONFINITE: NONFINITE, BAD_NEGATIVE: NEGATIVE, BAD_NONINTEGER: NONINTEGER}
 
 
 class RowAssembler:

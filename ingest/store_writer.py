@@ -25,6 +25,7 @@ import tiledbsoma as soma
 
 from ingest import census_schema as cs
 from ingest.errors import IngestError
+from shardset.counts import NEGATIVE, NONFINITE, first_bad_count
 
 log = logging.getLogger(__name__)
 
@@ -46,19 +47,18 @@ class DatasetInfo:
 
 
 def check_counts(data: np.ndarray, where: str) -> None:
-    """Raw counts only: finite, non-negative integers (binning and training assume UMI counts)."""
-    if data.size == 0:
+    """Raw counts only (``shardset.counts``: finite, non-negative integers; binning and training
+    assume UMI counts). Names the first bad value and the fix."""
+    bad = first_bad_count(data)
+    if bad is None:
         return
-    if not np.all(np.isfinite(data)):
-        raise IngestError(f"{where}: the matrix has non-finite values (NaN or inf). "
-                          "Pass raw counts; drop or repair those cells first.")
-    if data.min() < 0:
-        raise IngestError(f"{where}: the matrix has negative values (min {data.min():g}); expected raw counts. "
-                          "Pass the raw count matrix (e.g. --layer counts), not scaled or centred data.")
-    if not np.all(data == np.floor(data)):
-        bad = data[data != np.floor(data)][:3]
-        raise IngestError(f"{where}: the matrix has non-integer values (e.g. {bad.tolist()}); expected raw counts. "
-                          "Pass the raw count matrix (e.g. --layer counts or adata.raw), not normalised data.")
+    if bad.kind == NONFINITE:
+        fix = "Pass raw counts; drop or repair those cells first."
+    elif bad.kind == NEGATIVE:
+        fix = "Pass the raw count matrix (e.g. --layer counts), not scaled or centred data."
+    else:
+        fix = "Pass the raw count matrix (e.g. --layer counts or adata.raw), not normalised data."
+    raise IngestError(f"{where}: the matrix has {bad.kind} values (e.g. {bad.value!r}); expected raw counts. {fix}")
 
 
 def _dict_array(values: pd.Series | np.ndarray) -> pa.DictionaryArray:
