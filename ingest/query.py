@@ -20,7 +20,7 @@ import tiledbsoma as soma
 
 from ingest import census_schema as cs
 from ingest.errors import IngestError
-from scgpt_model.schema import DEFAULT_N_BINS, DEFAULT_SEED, DEFAULT_VAL_FRACTION
+from scgpt_model.schema import DEFAULT_N_BINS, DEFAULT_SEED, DEFAULT_VAL_FRACTION, n_bins_problem
 from shardset.genes import gene_key
 
 log = logging.getLogger(__name__)
@@ -52,8 +52,8 @@ class IngestConfig:
     progress_every_s: float = 2.0         # at most one progress line per this many seconds
 
     def validate(self) -> None:
-        if not (3 <= self.n_bins <= 256):
-            raise IngestError(f"--n-bins {self.n_bins}: must be between 3 and 256 (bins are stored as uint8)")
+        if problem := n_bins_problem(self.n_bins):
+            raise IngestError(f"--n-bins {self.n_bins}: {problem}")
         if self.cells_per_shard < 1:
             raise IngestError(f"--cells-per-shard {self.cells_per_shard}: must be >= 1")
         if self.max_cells is not None and self.max_cells < 1:

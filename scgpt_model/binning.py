@@ -24,7 +24,7 @@ import numba
 import numpy as np
 import scipy.sparse as sp
 
-from scgpt_model.schema import DEFAULT_N_BINS, DEFAULT_SEED
+from scgpt_model.schema import DEFAULT_N_BINS, DEFAULT_SEED, n_bins_problem
 
 __all__ = ["bin_nonzero", "bin_csr", "tie_uniforms", "quantile_levels"]
 
@@ -154,9 +154,9 @@ def quantile_levels(n_bins: int) -> np.ndarray:
 
 
 def _check_n_bins(n_bins: int) -> None:
-    # bins must fit uint8 and there must be at least one nonzero bin (two edges)
-    if not (3 <= int(n_bins) <= 256):
-        raise ValueError(f"n_bins must be between 3 and 256 (bins are uint8), got {n_bins}")
+    problem = n_bins_problem(n_bins)  # the one range (scgpt_model.schema)
+    if problem:
+        raise ValueError(f"n_bins {problem}")
 
 
 def tie_uniforms(seed: int, cell_ids: np.ndarray, positions: np.ndarray) -> np.ndarray:

@@ -11,7 +11,7 @@ import dataclasses
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
-from scgpt_model.schema import DEFAULT_N_BINS, PAD_ID
+from scgpt_model.schema import DEFAULT_N_BINS, PAD_ID, n_bins_problem
 
 ValueEncoding = Literal["continuous", "category"]
 NormScheme = Literal["post", "pre"]
@@ -88,8 +88,8 @@ class ModelConfig:
             raise ValueError(f"vocab_size must exceed the 3 special tokens, got {self.vocab_size}")
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
-        if self.n_bins < 2:
-            raise ValueError(f"n_bins must be >= 2, got {self.n_bins}")
+        if problem := n_bins_problem(self.n_bins):  # the range ingest and binning use
+            raise ValueError(f"n_bins {problem}")
         if (self.dsbn or self.objectives.dar or self.use_batch_labels) and self.n_batches < 1:
             raise ValueError("dsbn, DAR and use_batch_labels need n_batches >= 1; set n_batches "
                              "to the number of batch labels in the data")

@@ -6,6 +6,7 @@ nobody spells a column name or a special-token id by hand.
 
 from __future__ import annotations
 
+import numpy as np
 import pyarrow as pa
 
 # Special tokens come first in every vocabulary, in this order, so their ids are fixed.
@@ -21,6 +22,16 @@ N_SPECIAL = len(SPECIAL_TOKENS)
 # Binning defaults (paper eq. 2): bins 1..n_bins-1 for nonzero values, 0 for zeros.
 DEFAULT_N_BINS = 51
 DEFAULT_SEED = 0
+# The one n_bins range (ingest, binning, the model config): bins are stored as uint8, and there
+# must be a zero bin and at least two nonzero ones (the quantile edges need two levels).
+N_BINS_MIN, N_BINS_MAX = 3, 256
+
+
+def n_bins_problem(n_bins: object) -> str | None:
+    """What is wrong with ``n_bins`` (for a message that names the option), None when it is valid."""
+    if isinstance(n_bins, bool) or not isinstance(n_bins, int | np.integer) or not N_BINS_MIN <= n_bins <= N_BINS_MAX:
+        return f"must be an integer from {N_BINS_MIN} to {N_BINS_MAX} (bins are stored as uint8), got {n_bins!r}"
+    return None
 
 # Shard columns. One row per cell; list columns are aligned and sorted by gene id.
 SOMA_JOINID = "soma_joinid"

@@ -155,3 +155,21 @@ def test_prop_invariant_to_scaling_and_log1p(cell, log2_scale, cid, library_size
     # the usual normalise_total + log1p of a count cell
     norm = np.log1p(v / v.sum() * library_size)
     np.testing.assert_array_equal(bin_nonzero(ip, norm, np.array([cid])), base)
+
+
+@pytest.mark.parametrize("n_bins,ok", [(2, False), (3, True), (51, True), (256, True), (257, False), (51.0, False),
+                                       (True, False)])
+def test_one_n_bins_range_for_ingest_binning_and_the_model(n_bins, ok):
+    from ingest.errors import IngestError
+    from ingest.query import IngestConfig
+    from scgpt_model.config import ModelConfig
+
+    checks = [(lambda: bin_nonzero(np.array([0, 1]), np.array([1.0]), np.array([0]), n_bins=n_bins), ValueError),
+              (lambda: IngestConfig(out="x", n_bins=n_bins).validate(), IngestError),
+              (lambda: ModelConfig(vocab_size=10, n_bins=n_bins), ValueError)]
+    for call, error in checks:
+        if ok:
+            call()
+        else:
+            with pytest.raises(error, match="from 3 to 256"):
+                call()
