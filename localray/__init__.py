@@ -24,6 +24,8 @@ import os
 import sys
 from typing import Any
 
+from localray import quiet
+
 log = logging.getLogger(__name__)
 
 LOOPBACK = "127.0.0.1"
@@ -135,6 +137,8 @@ def start_local(*, num_cpus: int | None = None, worker_env: dict[str, str] | Non
     for k, v in (worker_env or {}).items():
         os.environ.setdefault(k, v)
     kwargs.setdefault("logging_level", logging.WARNING)
+    # every worker process: Ray Train's state-API and autoscaler warnings off (localray/quiet.py)
+    kwargs["runtime_env"] = {"worker_process_setup_hook": quiet.HOOK, **kwargs.get("runtime_env", {})}
     init = dict(address="local", num_cpus=num_cpus, _node_ip_address=LOOPBACK, include_dashboard=False, **kwargs)
     before = set(_ray_children())
     try:

@@ -1,0 +1,37 @@
+"""The setup hook of every worker process of a local Ray (``runtime_env`` ``worker_process_setup_hook``).
+
+A local instance runs without a dashboard (``localray.start_local``), so Ray's state API has no
+server there. Two Ray Train helpers rely on it or on an autoscaler that a fixed local instance
+does not have, and on a healthy run they only print noise a user reads as failure:
+
+* the ``PlacementGroupCleaner`` actor asks the state API whether the train controller is alive
+  every few seconds and logs "Failed to query Ray Train Controller actor state" each time (126
+  lines in one main job). Its job, removing the workers' placement group when the controller dies
+  ungracefully, is done on a local run by the ``ray.shutdown`` that ends it. With another Ray on
+  the machine its query also fails to pick an instance ("Found multiple active Ray instances")
+  and its thread dies with a traceback: ``RAY_ADDRESS`` names this instance, so it does not.
+* the train controller's autoscaling-coordinator client warns, with a traceback, when its
+  resource request times out on a loaded machine; a local instance has no autoscaler to ask.
+
+Only those two loggers are raised to ERROR, only in the processes of a local instance; a cluster
+(``localray.connect``) keeps Ray's defaults.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+QUIET_LOGGERS = (
+    "ray.train.v2._internal.execution.controller.placement_group_cleaner",
+    "ray.train.v2._internal.execution.scaling_policy.autoscaling_coordinator_client",
+)
+HOOK = "localray.quiet.local_worker_setup"
+
+
+def local_worker_setup() -> None:
+    import ray
+
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    os.environ.setdefault("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
