@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         return _run(args)
     except IngestError as e:
         print(f"ingest {args.cmd}: error: {e}", file=sys.stderr)
-        return USAGE_EXIT_CODE
+        return getattr(e, "exit_code", USAGE_EXIT_CODE)  # 2 for bad input; 1 for a full disk
     except localray.LocalRayError as e:  # not bad input: the machine could not start Ray
         print(f"ingest {args.cmd}: error: {e}", file=sys.stderr)
         return 1

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ingest.errors import IngestError
+from ingest.errors import DiskFull, IngestError, is_disk_full
 from ingest.query import (
     IngestConfig,
     build_filter,
@@ -261,8 +261,14 @@ def run_ingest(cfg: IngestConfig) -> Manifest:
             t_chunks = time.perf_counter() - t0 - t_ray
         manifest = _manifest(p, cfg, shards, complete=True)
         manifest_hash = manifest.write(out.path)
+    except DiskFull:
+        raise  # the finished shards stay: the same command resumes once there is space
     except IngestError:
         usage_error = True  # bad input found by a worker (e.g. non-integer counts)
+        raise
+    except OSError as e:
+        if is_disk_full(e):  # the driver's own writes (manifest, vocabulary)
+            raise DiskFull.at(getattr(e, "filename", None) or out.path, out.path) from None
         raise
     finally:
         if started_ray:
@@ -311,8 +317,8 @@ def _run_chunks(cfg: IngestConfig, p: Plan, out: Path, chunks: list[np.ndarray],
                     res = ray.get(ref)
                 except RayTaskError as e:
                     cause = getattr(e, "cause", None)
-                    if isinstance(cause, IngestError):
-                        raise IngestError(str(cause)) from None
+                    if isinstance(cause, IngestError):  # DiskFull included: one message, not the worker's traceback
+                        raise type(cause)(str(cause)) from None
                     raise
                 shards[i] = ShardEntry.from_dict({k: v for k, v in res.items() if k not in DEBUG_KEYS},
                                                  where=f"shard {i}")

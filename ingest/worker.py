@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 
 from ingest.csr import BadCounts, RowAssembler, Scratch, row_sums
-from ingest.errors import IngestError
+from ingest.errors import DiskFull, IngestError, is_disk_full
 from ingest.shard_writer import write_shard
 from scgpt_model.binning import bin_nonzero
 from scgpt_model.schema import (
@@ -197,10 +197,14 @@ def process_chunk(spec: dict) -> dict:
         TOTAL_COUNTS: pa.array(totals, pa.float32()),
         **obs,
     }, schema=SHARD_SCHEMA)
-    final.parent.mkdir(parents=True, exist_ok=True)
     try:
+        final.parent.mkdir(parents=True, exist_ok=True)
         write_shard(table, tmp)
         os.replace(tmp, final)  # the shard becomes visible only when complete
+    except OSError as e:
+        if is_disk_full(e):  # one message naming the path, not a worker traceback
+            raise DiskFull.at(tmp, out) from None
+        raise
     finally:
         if tmp.exists():
             tmp.unlink()
