@@ -35,3 +35,16 @@ def local_worker_setup() -> None:
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
     os.environ.setdefault("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
+
+
+def no_progress_bars_unless_terminal() -> None:
+    """Progress bars off when stderr is not a terminal (a log file, a pipe): tqdm's carriage-return
+    redraws (DeepSpeed's "Loading checkpoint shards", MLflow's "Downloading artifacts" while a model
+    is registered) turn a log into run-on lines. tqdm reads ``TQDM_*`` when it is first imported,
+    so a command calls this before anything imports tqdm; Ray's processes inherit it."""
+    import sys
+
+    if sys.stderr.isatty():
+        return
+    os.environ.setdefault("TQDM_DISABLE", "1")  # any value disables (tqdm casts it to bool)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")

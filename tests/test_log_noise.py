@@ -54,3 +54,18 @@ def test_local_workers_run_the_quiet_hook(ray_down):
     assert got == {"address": gcs, "query": "caught by the cleaner", "warns": []}
     # the driver keeps Ray's defaults
     assert all(logging.getLogger(n).isEnabledFor(logging.WARNING) for n in quiet.QUIET_LOGGERS)
+
+
+def test_no_carriage_return_bars_when_stderr_is_a_log_file(tmp_path):
+    import subprocess
+    import sys
+
+    code = ("import localray.quiet as q; {call}; from tqdm import tqdm\n"
+            "for _ in tqdm(range(3), desc='Loading checkpoint shards'): pass")
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(__import__("pathlib").Path(__file__).resolve().parents[1])}
+    for call, bars in (("q.no_progress_bars_unless_terminal()", False), ("None", True)):
+        with open(tmp_path / "log", "w+", newline="") as log:  # stderr is a file, as with `train ... 2> log`
+            subprocess.run([sys.executable, "-c", code.format(call=call)], stderr=log, env=env, check=True)
+            log.seek(0)
+            text = log.read()
+        assert ("\r" in text) is bars and ("Loading checkpoint shards" in text) is bars, text

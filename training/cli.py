@@ -122,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=os.environ.get("LOGLEVEL", "INFO"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.cwd() / ".cache" / "torch_extensions"))
+    localray.quiet.no_progress_bars_unless_terminal()  # before ray/deepspeed/mlflow import tqdm
     args = build_parser().parse_args(argv)
     try:
         base = None
