@@ -289,7 +289,8 @@ def main() -> None:
         "",
         "Speed-up = median over repeats of the paired ratio dense / generative (runs interleaved).",
         "",
-        "| unknown ratio | dense ms | naive split ms | generative ms | speed-up vs dense | target | peak MiB dense | peak MiB generative | memory ratio |",
+        "| unknown ratio | dense ms | naive split ms | generative ms | speed-up vs dense | target | peak MiB dense "
+        "| peak MiB generative | memory ratio |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for ratio, t, m, speedup in rows:
@@ -309,7 +310,8 @@ def main() -> None:
         lines += [f"Whole model, `{args.model_preset}` preset, forward + backward, batch {B} x 1,200 genes, float32, "
                   "dense-mask attention swapped in for the baseline (seconds, median; speed-up = median paired ratio):",
                   "", "| unknown ratio | dense s | generative s | speed-up |", "|---|---|---|---|"]
-        lines += [f"| {ratio} | {r['dense']:.2f} | {r['generative']:.2f} | {r['speedup']:.2f}x |" for ratio, r in model_rows]
+        lines += [f"| {ratio} | {r['dense']:.2f} | {r['generative']:.2f} | {r['speedup']:.2f}x |"
+                  for ratio, r in model_rows]
         lines.append("")
     text = "\n".join(lines)
     print(text)

@@ -161,7 +161,8 @@ def main() -> int:
               "| task / dataset | " + " | ".join(results) + " |", "|---|" + "---:|" * len(results)]
     keys = sorted({k for r in results.values() for k in r["tasks"]})
     for k in keys:
-        lines.append(f"| {k} | " + " | ".join(f"{r['tasks'].get(k, float('nan')):.1f}" for r in results.values()) + " |")
+        cells = " | ".join(f"{r['tasks'].get(k, float('nan')):.1f}" for r in results.values())
+        lines.append(f"| {k} | {cells} |")
     for p, r in results.items():
         lines += ["", f"### Score tables, `{p}` preset ({r['model']})", "", r["tables"]]
     text = "\n".join(lines) + "\n"

@@ -284,7 +284,8 @@ def main() -> None:
     res = {
         "cells": n, "store_cells": big["cells"], "nnz_per_cell": raw[0]["nnz"] / n, "raw_read_cells_s": raw_rate,
         "ingest_e2e_cells_s": ing_e2e, "ingest_chunks_cells_s": ing_steady, "reference_cells_s": ref_rate,
-        "ratio_ingest_e2e_vs_raw": med(f["cells"] / f["wall_s"] / (r["cells"] / r["wall_s"]) for f, r in zip(full, raw)),
+        "ratio_ingest_e2e_vs_raw": med(f["cells"] / f["wall_s"] / (r["cells"] / r["wall_s"])
+                                       for f, r in zip(full, raw)),
         "ratio_ingest_chunks_vs_raw": med(f["cells"] / f["chunks_s"] / (r["cells"] / r["wall_s"])
                                           for f, r in zip(full, raw)),
         "ratio_ingest_e2e_vs_reference": med(f["cells"] / f["wall_s"] / (r["cells"] / r["wall_s"])
@@ -333,7 +334,8 @@ def write_markdown(r: dict, args: argparse.Namespace) -> None:
         f"| raw read: `axis_query(...).X(\"raw\").tables()`, no processing (ceiling) | {r['raw_read_cells_s']:,.0f} | "
         f"1.00 | {r['raw_read_cells_s'] / r['reference_cells_s']:.1f}x |",
         f"| `ingest census` end to end (process start, query, Ray start-up, shards, manifest, Ray shutdown) | "
-        f"{r['ingest_e2e_cells_s']:,.0f} | {r['ratio_ingest_e2e_vs_raw']:.2f} | {r['ratio_ingest_e2e_vs_reference']:.1f}x |",
+        f"{r['ingest_e2e_cells_s']:,.0f} | {r['ratio_ingest_e2e_vs_raw']:.2f} | "
+        f"{r['ratio_ingest_e2e_vs_reference']:.1f}x |",
         f"| `ingest census`, chunk phase only (Ray running: read, check, bin, write, checksum) | "
         f"{r['ingest_chunks_cells_s']:,.0f} | {r['ratio_ingest_chunks_vs_raw']:.2f} | "
         f"{r['ratio_ingest_chunks_vs_reference']:.1f}x |",
@@ -350,10 +352,12 @@ def write_markdown(r: dict, args: argparse.Namespace) -> None:
         f"raw read of one {r['store_cells']:,}-cell query is slower per cell than of a {r['cells']:,}-cell one: its "
         "1 GiB result buffers hold more fresh memory to fault in).",
         "",
-        f"**Steady-state (marginal) ingest rate**: the extra {r['store_cells'] - r['cells']:,} cells of the whole-store "
+        "**Steady-state (marginal) ingest rate**: "
+        f"the extra {r['store_cells'] - r['cells']:,} cells of the whole-store "
         f"run over its extra wall time, so process start, Ray start-up/shutdown and worker warm-up cancel out: "
         f"**{r['ingest_marginal_cells_s']:,.0f} cells/s = {r['ingest_marginal_cells_s'] / r['raw_read_cells_s']:.2f} "
-        f"of the {r['cells'] // 1000}k-query raw read rate** ({r['ingest_marginal_cells_s'] / r['raw_tuned_cells_s']:.2f} of the raw "
+        f"of the {r['cells'] // 1000}k-query raw read rate** "
+        f"({r['ingest_marginal_cells_s'] / r['raw_tuned_cells_s']:.2f} of the raw "
         f"read with ingest's buffer settings) and {r['ingest_marginal_cells_s'] / r['reference_cells_s']:.1f}x the "
         f"reference. (The raw read's own marginal rate, {r['raw_marginal_cells_s']:,.0f} cells/s, is not a fair "
         "ceiling: it measures the slowdown of the single large read, not the data.)",
@@ -364,7 +368,8 @@ def write_markdown(r: dict, args: argparse.Namespace) -> None:
         "| stage | wall s | CPU s |",
         "|---|---:|---:|",
         *[f"| {name} | {v['wall_s']:.3f} | {v['cpu_s']:.3f} |" for name, v in r["stages"].items()],
-        f"| total (ingest's stages) | {sum(v['wall_s'] for n, v in r['stages'].items() if not n.startswith('(')):.3f} | "
+        "| total (ingest's stages) | "
+        f"{sum(v['wall_s'] for n, v in r['stages'].items() if not n.startswith('(')):.3f} | "
         f"{sum(v['cpu_s'] for n, v in r['stages'].items() if not n.startswith('(')):.3f} |",
         "",
         "Shard layouts, same chunks, written with `pq.write_table` and read with `pq.read_table` after the stages "
@@ -376,7 +381,8 @@ def write_markdown(r: dict, args: argparse.Namespace) -> None:
           f"{r['shard_files'][f'write{sfx}_cpu_s']:.2f} | {r['shard_files'][f'read{sfx}_s']:.2f} / "
           f"{r['shard_files'][f'read{sfx}_cpu_s']:.2f} | {r['shard_files'][f'read_train{sfx}_s']:.2f} / "
           f"{r['shard_files'][f'read_train{sfx}_cpu_s']:.2f} |"
-          for name, sfx in (("ingest's (`SHARD_WRITE_OPTIONS`)", ""), ("BYTE_STREAM_SPLIT on all three list columns", "_all_bss"))],
+          for name, sfx in (("ingest's (`SHARD_WRITE_OPTIONS`)", ""),
+                            ("BYTE_STREAM_SPLIT on all three list columns", "_all_bss"))],
         "",
         "Peak memory of `ingest census` (RSS summed over its process tree: driver + raylet + Ray agents + 2 workers; "
         "and of the largest single Ray worker):",

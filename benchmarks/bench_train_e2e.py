@@ -64,7 +64,8 @@ def main() -> None:
     lines = ["| preset | workers | cells/s | tokens/s | padding | steps | process wall (s) |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     for (p, w), r in res.items():
-        lines.append(f"| {p} | {w} | {r['cps']:,.1f} | {r['tps']:,.0f} | {r['pad']:.1%} | {STEPS[p]} | {r['wall']:.0f} |")
+        lines.append(f"| {p} | {w} | {r['cps']:,.1f} | {r['tps']:,.0f} | {r['pad']:.1%} | {STEPS[p]} "
+                     f"| {r['wall']:.0f} |")
     lines.append("")
     for p in args.presets.split(","):
         eff = res[(p, 2)]["cps"] / (2 * res[(p, 1)]["cps"])

@@ -94,7 +94,8 @@ def main() -> None:
         "",
         f"Pipeline / step = **{ratio:.0f}x** (target >= 5x); padding fraction of the bucketed batches = "
         f"**{pad:.1%}** (target <= 10%).",
-        f"At `base`'s max_seq_len 1200 on the same cells (lengths from the plan): padding {base_pad[cfg.data.bucket_window]:.1%} "
+        "At `base`'s max_seq_len 1200 on the same cells (lengths from the plan): "
+        f"padding {base_pad[cfg.data.bucket_window]:.1%} "
         f"with bucketing, {base_pad[1]:.1%} without (bucket window 1).",
     ]
     print("\n".join(lines))

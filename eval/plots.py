@@ -93,7 +93,8 @@ def plot_gene_network(sim: np.ndarray, genes: list[str], focus: list[str], thres
         for b in range(a + 1, n):
             s = float(sim[idx[a], idx[b]])
             if s > threshold:
-                ax.plot(*xy[[a, b]].T, color="tab:blue", alpha=0.6, lw=0.5 + 3 * (s - threshold) / max(1e-6, 1 - threshold))
+                lw = 0.5 + 3 * (s - threshold) / max(1e-6, 1 - threshold)
+                ax.plot(*xy[[a, b]].T, color="tab:blue", alpha=0.6, lw=lw)
     def colour(g: str) -> str:
         return "tab:red" if g.startswith("HLA-D") else "tab:green" if g.startswith("HLA-") else "tab:gray"
 

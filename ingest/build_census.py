@@ -84,7 +84,8 @@ def apply_duplicate_policy(mapping: GeneMapping, cmap: np.ndarray, policy: Dupli
     dups = duplicate_columns(mapping)
     if not dups:
         return cmap
-    shown = "; ".join(f"{fid} ({' + '.join(mapping.feature_name[k] for k in ks)})" for fid, ks in list(dups.items())[:5])
+    shown = "; ".join(f"{fid} ({' + '.join(mapping.feature_name[k] for k in ks)})"
+                      for fid, ks in list(dups.items())[:5])
     more = f" and {len(dups) - 5} more" if len(dups) > 5 else ""
     what = f"{where}: {len(dups)} gene id(s) have more than one column: {shown}{more}"
     if policy == "error":
@@ -162,7 +163,8 @@ def _open_h5ad(path: Path) -> ad.AnnData:
         raise IngestError(f"--h5ad {path}: cannot be read as AnnData ({type(e).__name__}: {e})") from e
 
 
-def _iter_rows(adata: ad.AnnData, layer: str | None, chunk_rows: int, where: str) -> Iterator[tuple[int, sp.csr_matrix]]:
+def _iter_rows(adata: ad.AnnData, layer: str | None, chunk_rows: int,
+               where: str) -> Iterator[tuple[int, sp.csr_matrix]]:
     if layer is not None and layer not in adata.layers:
         raise IngestError(f"{where}: no layer {layer!r}; it has {list(adata.layers.keys())}. Drop --layer to use X.")
     for start in range(0, adata.n_obs, chunk_rows):

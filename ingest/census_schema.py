@@ -116,8 +116,9 @@ SUMMARY_CELL_COUNTS_SCHEMA = pa.schema(
 REQUIRED_OBS_COLUMNS: tuple[str, ...] = ("soma_joinid",)
 REQUIRED_VAR_COLUMNS: tuple[str, ...] = ("soma_joinid",)
 VAR_ID_ALIASES: tuple[str, ...] = ("feature_id", "var_id")  # the first present is the gene id
-FILTER_OBS_COLUMNS: dict[str, str] = {"tissue_general": "--tissue", "disease": "--disease", "assay": "--assay",
-                                      "is_primary_data": "the primary-cells filter (drop it with --include-non-primary)"}
+FILTER_OBS_COLUMNS: dict[str, str] = {
+    "tissue_general": "--tissue", "disease": "--disease", "assay": "--assay",
+    "is_primary_data": "the primary-cells filter (drop it with --include-non-primary)"}
 
 # Ontology ids for the values the demo and build-census fill in (a small, checked table).
 ONTOLOGY: dict[str, dict[str, str]] = {

@@ -144,9 +144,11 @@ def build_demo(out: str | Path, seed: int = 0, *, reuse: bool = False) -> Path:
     dup_idx = np.sort(rng.choice(pbmc.n_obs, N_DUPLICATES, replace=False))
     kang = ad.read_h5ad(KANG)
     cite = {k: ad.read_h5ad(f) for k, f in CITE.items()}
-    n_total = pbmc.n_obs + sym.n_obs + kang.n_obs + sum(c.n_obs for c in cite.values()) + N_DUPLICATES + N_SYNTH_PER_TISSUE * len(SYNTH_TISSUES)
+    n_total = (pbmc.n_obs + sym.n_obs + kang.n_obs + sum(c.n_obs for c in cite.values()) + N_DUPLICATES
+               + N_SYNTH_PER_TISSUE * len(SYNTH_TISSUES))
     writer = CensusStoreWriter(out, var, n_total, build_note="demo atlas from `ingest build-demo`: real pbmc3k, "
-                               "symphony, Kang IFN-b and CITE-seq PBMCs (blood) + SYNTHETIC lung/brain cells + non-primary duplicates")
+                               "symphony, Kang IFN-b and CITE-seq PBMCs (blood) + SYNTHETIC lung/brain cells "
+                               "+ non-primary duplicates")
     try:
         obs = _blood_obs(pbmc.obs["celltype"], PBMC3K_TYPES, "10x 3' v1", "pbmc3k-donor", pbmc.obs_names)
         writer.append(obs, pbmc.X, DatasetInfo(

@@ -39,7 +39,7 @@ class IngestConfig:
     assays: tuple[str, ...] = ()
     obs_filters: tuple[str, ...] = ()      # raw SOMA value filters, AND-ed with the rest
     include_non_primary: bool = False      # primary only by default: Census repeats cells across collections
-    min_genes: int = 1                     # a cell needs this many in-vocabulary nonzero genes (0-gene cells break training)
+    min_genes: int = 1                     # in-vocabulary nonzero genes a cell needs (0-gene cells break training)
     n_bins: int = DEFAULT_N_BINS           # paper default 51
     vocab: str | None = None               # reuse a vocabulary (e.g. a checkpoint's); default: the store's var
     gene_key: Literal["feature_id", "feature_name"] | None = None  # default: the vocab's key, else feature_id

@@ -123,7 +123,8 @@ def synth_census(out: str | Path, cfg: SynthConfig) -> Path:
     programs = [f"{t}|{c}" for t in cfg.tissues for c in TISSUE_CELL_TYPES[t]]
     sampler = CellSampler(cfg.n_genes, programs, rng, cfg.mean_genes, cfg.sd_log_genes)
     writer = CensusStoreWriter(out, var, cfg.n_cells,
-                               build_note=f"SYNTHETIC store from `ingest synth-census` (seed {cfg.seed}); not real data")
+                               build_note=f"SYNTHETIC store from `ingest synth-census` (seed {cfg.seed}); "
+                               "not real data")
     t0, done = time.perf_counter(), 0
     try:
         for c0 in range(0, cfg.n_cells, cfg.chunk_cells):

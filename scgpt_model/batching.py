@@ -266,7 +266,8 @@ def collate_generative(genes: Sequence[np.ndarray], values: Sequence[np.ndarray]
 
 
 def collate_all_genes(genes: np.ndarray | Sequence[np.ndarray], values: np.ndarray | Sequence[np.ndarray], *,
-                      seed: int | np.random.Generator, mask_ratio: float = 0.4, mode: Literal["mlm", "generative"] = "mlm",
+                      seed: int | np.random.Generator, mask_ratio: float = 0.4,
+                      mode: Literal["mlm", "generative"] = "mlm",
                       max_seq_len: int | None = None, backend: Backend = "sdpa", batch_labels=None,
                       celltype_labels=None, modality: np.ndarray | None = None) -> ModelBatch:
     """Fine-tuning batch on a fixed gene set INCLUDING zeros (e.g. HVGs), paper §4.5.
@@ -332,7 +333,8 @@ def collate_perturbation(genes: np.ndarray | Sequence[np.ndarray], control_value
     """
     shared = isinstance(genes, np.ndarray) and genes.ndim == 1 and np.issubdtype(genes.dtype, np.integer)
     n_cells = len(control_values)
-    if len(target_values) != n_cells or len(perturbed) != n_cells or (measured is not None and len(measured) != n_cells):
+    if (len(target_values) != n_cells or len(perturbed) != n_cells
+            or (measured is not None and len(measured) != n_cells)):
         raise ValueError("control_values, target_values, perturbed (and measured) must list the same cells")
     if not shared and len(genes) != n_cells:
         raise ValueError(f"genes: one (G,) array for all cells or one array per cell ({n_cells}), got {len(genes)}")

@@ -22,7 +22,8 @@ class LossOutput:
 
     def __post_init__(self) -> None:
         if not isinstance(self.total, Tensor) or self.total.dim() != 0:
-            raise ValueError(f"LossOutput.total must be a scalar tensor, got {getattr(self.total, 'shape', self.total)}")
+            raise ValueError("LossOutput.total must be a scalar tensor, "
+                             f"got {getattr(self.total, 'shape', self.total)}")
         for k, v in self.terms.items():
             if not isinstance(v, Tensor) or v.dim() != 0:
                 raise ValueError(f"loss term {k!r} must be a scalar tensor")

@@ -26,7 +26,8 @@ from shardset.manifest import (
 )
 
 __all__ = [
-    "MANIFEST_FILE", "MANIFEST_FORMAT", "SHARDS_DIR", "SPLIT_RULE", "VOCAB_FILE", "DatasetRef", "Manifest", "ManifestError",
+    "MANIFEST_FILE", "MANIFEST_FORMAT", "SHARDS_DIR", "SPLIT_RULE", "VOCAB_FILE", "DatasetRef", "Manifest",
+    "ManifestError",
     "ShardEntry", "Totals", "atomic_write_bytes", "canonical_json", "is_validation", "sha256_file", "shard_name",
     "split_uniform",
 ]

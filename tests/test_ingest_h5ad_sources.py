@@ -55,7 +55,8 @@ def test_duplicate_gene_names_are_summed_with_a_warning_or_kept_first_or_refused
     np.testing.assert_array_equal(X[:, 0], dense[:, 0] + dense[:, 3])
     np.testing.assert_array_equal(X[:, 2], dense[:, 2] + dense[:, 5])
 
-    assert main(["build-census", "--h5ad", str(f), "--on-duplicate-genes", "first", "--out", str(tmp_path / "first")]) == 0
+    assert main(["build-census", "--h5ad", str(f), "--on-duplicate-genes", "first",
+                 "--out", str(tmp_path / "first")]) == 0
     names, X = _store_X(tmp_path / "first")
     np.testing.assert_array_equal(X[:, 0], dense[:, 0])
     np.testing.assert_array_equal(X[:, 2], dense[:, 2])

@@ -159,7 +159,8 @@ def test_row_assembler_matches_reference(contiguous, merge):
 
 
 def test_row_assembler_rejects_cells_outside_the_chunk():
-    tbl = pa.table({"soma_dim_0": np.array([1, 7]), "soma_dim_1": np.array([0, 1]), "soma_data": np.ones(2, np.float32)})
+    tbl = pa.table({"soma_dim_0": np.array([1, 7]), "soma_dim_1": np.array([0, 1]),
+                    "soma_data": np.ones(2, np.float32)})
     with pytest.raises(RuntimeError, match="soma_joinid 7"):
         assemble([tbl], np.array([1, 2]), np.arange(2, dtype=np.int32))
 

@@ -46,7 +46,8 @@ class ReleasedArchitecture(nn.Module):
         layer = nn.TransformerEncoderLayer(D, HEADS, FFN, dropout=0.0, batch_first=True)  # post-norm, ReLU
         self.transformer_encoder = nn.TransformerEncoder(layer, LAYERS, enable_nested_tensor=False)
         self.decoder = nn.Module()
-        self.decoder.fc = nn.Sequential(nn.Linear(D, D), nn.LeakyReLU(), nn.Linear(D, D), nn.LeakyReLU(), nn.Linear(D, 1))
+        self.decoder.fc = nn.Sequential(nn.Linear(D, D), nn.LeakyReLU(), nn.Linear(D, D), nn.LeakyReLU(),
+                                        nn.Linear(D, 1))
         self.mvc_decoder = nn.Module()
         self.mvc_decoder.gene2query = nn.Linear(D, D)
         self.mvc_decoder.W = nn.Linear(D, D, bias=False)

@@ -36,11 +36,11 @@ def _varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqle
     out = torch.empty_like(q)
     lse = torch.empty(q.shape[1], q.shape[0], dtype=torch.float32)  # (H, total_q), as flash-attn 2
     for (qa, qb), (ka, kb) in zip(_cells(cu_seqlens_q), _cells(cu_seqlens_k)):
-        o, l = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        o, cell_lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q[qa:qb].transpose(0, 1)[None], k[ka:kb].transpose(0, 1)[None], v[ka:kb].transpose(0, 1)[None],
             0.0, False, scale=softmax_scale)
         out[qa:qb] = o[0].transpose(0, 1)
-        lse[:, qa:qb] = l[0]
+        lse[:, qa:qb] = cell_lse[0]
     return out, lse, torch.empty(0), torch.empty(2, dtype=torch.int64)
 
 
