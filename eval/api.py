@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import anndata as ad
 import numpy as np
@@ -43,31 +42,13 @@ def load_model(uri: str, tracking_uri: str | None = None) -> tuple[ScGPT, GeneVo
     Registry URIs go through ``training.registry.load_registered_model``; a failure to resolve
     becomes an ``EvalError`` naming the URI.
     """
-    try:
-        from training.registry import load_registered_model
-    except ImportError:  # registry not installed: local folders still work
-        load_registered_model = None
-    if load_registered_model is not None:
-        try:
-            model, vocab, cfg, info = load_registered_model(uri, tracking_uri=tracking_uri)
-        except ValueError as e:  # training.errors.ModelURIError is a ValueError
-            raise EvalError(f"model {uri!r} could not be loaded: {e}") from e
-        info = dict(info or {})
-    else:
-        if uri.startswith("models:/"):
-            raise EvalError(f"model {uri!r}: the registry helpers (training.registry) are not installed; "
-                            "pass a local checkpoint folder instead")
-        path = Path(uri)
-        if not path.is_dir():
-            raise EvalError(f"model {uri!r} is neither a registered model (models:/<name>/<version>) nor a "
-                            "checkpoint folder")
-        from scgpt_model.checkpoint import load_pretrained
+    from training.registry import load_registered_model  # a local folder or a registered version
 
-        try:
-            model, vocab, cfg = load_pretrained(path)
-        except (OSError, ValueError) as e:
-            raise EvalError(f"model {uri!r} could not be loaded: {e}") from e
-        info = {"source": str(path.resolve())}
+    try:
+        model, vocab, cfg, info = load_registered_model(uri, tracking_uri=tracking_uri)
+    except ValueError as e:  # training.errors.ModelURIError is a ValueError
+        raise EvalError(f"model {uri!r} could not be loaded: {e}") from e
+    info = dict(info or {})
     info.setdefault("uri", uri)
     model.eval()
     return model, vocab, cfg, info

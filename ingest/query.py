@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import difflib
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -66,9 +66,6 @@ class IngestConfig:
             raise IngestError(f"--num-cpus {self.num_cpus}: must be >= 1")
         if self.gene_key not in (None, "feature_id", "feature_name"):
             raise IngestError(f"--gene-key {self.gene_key}: use feature_id (Ensembl) or feature_name (symbol)")
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 # ---- the store ---------------------------------------------------------------------------
