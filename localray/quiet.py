@@ -13,7 +13,7 @@ does not have, and on a healthy run they only print noise a user reads as failur
 * the train controller's autoscaling-coordinator client warns, with a traceback, when its
   resource request times out on a loaded machine; a local instance has no autoscaler to ask.
 
-Only those two loggers are raised to ERROR, only in the processes of a local instance; a cluster
+Only those two loggers are limited to ERROR records, only in the processes of a local instance; a cluster
 (``localray.connect``) keeps Ray's defaults.
 """
 
@@ -29,11 +29,20 @@ QUIET_LOGGERS = (
 HOOK = "localray.quiet.local_worker_setup"
 
 
+def _errors_only(record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.ERROR
+
+
 def local_worker_setup() -> None:
     import ray
 
     for name in QUIET_LOGGERS:
-        logging.getLogger(name).setLevel(logging.ERROR)
+        # a filter, not a level: Ray Train's controller and workers configure the "ray.train" loggers
+        # with logging.config.dictConfig after this hook, which resets the level of every child logger
+        # (but keeps its filters)
+        logger = logging.getLogger(name)
+        if _errors_only not in logger.filters:
+            logger.addFilter(_errors_only)
     os.environ.setdefault("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
 
 
