@@ -1,10 +1,10 @@
 """Arrow tables of (soma_dim_0, soma_dim_1, soma_data) -> per-cell CSR, in two passes over the data.
 
 TileDB returns sparse reads in its global (tile) order, not row-major; asking it for row-major
-is ~15x slower. Within one row, the tile order already yields ascending column ids, so a stable
-counting sort by row gives rows with ascending genes; rows that are not (a vocabulary that
-reorders genes) are sorted individually, and duplicate genes in a row (several var entries
-mapped to one token) are summed.
+is far slower (BENCHMARKS.md, measurements moved from code comments). Within one row, the tile
+order already yields ascending column ids, so a stable counting sort by row gives rows with
+ascending genes; rows that are not (a vocabulary that reorders genes) are sorted individually,
+and duplicate genes in a row (several var entries mapped to one token) are summed.
 
 ``RowAssembler`` fuses everything a chunk needs into two numba passes over each Arrow table,
 zero-copy on its buffers: the count check (finite, non-negative, integer), soma_joinid -> row,
@@ -221,9 +221,10 @@ class Scratch:
     """Large per-process work arrays reused from one chunk to the next.
 
     A fresh 60 MB numpy array is a fresh mmap: the kernel zero-fills every page on first touch,
-    which cost a worker ~0.1 CPU-s per 10k-cell chunk. Arrays handed out here are views of
-    buffers that are kept and grown (with 25% headroom) on demand, so memory stays bounded by the largest
-    chunk. A view is valid only until the same name is requested again.
+    a measurable cost per chunk (BENCHMARKS.md, measurements moved from code comments). Arrays
+    handed out here are views of buffers that are kept and grown (with 25% headroom) on demand,
+    so memory stays bounded by the largest chunk. A view is valid only until the same name is
+    requested again.
     """
 
     def __init__(self) -> None:

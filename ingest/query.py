@@ -43,7 +43,7 @@ class IngestConfig:
     n_bins: int = DEFAULT_N_BINS           # paper default 51
     vocab: str | None = None               # reuse a vocabulary (e.g. a checkpoint's); default: the store's var
     gene_key: Literal["feature_id", "feature_name"] | None = None  # default: the vocab's key, else feature_id
-    cells_per_shard: int = 10_000          # one Ray task per shard; bounds worker memory (~2 GB at 1.5k genes/cell)
+    cells_per_shard: int = 10_000          # one Ray task per shard; bounds worker memory (BENCHMARKS.md)
     max_cells: int | None = None           # a seeded sample of the query for quick runs
     seed: int = DEFAULT_SEED               # tie draws in binning, split, sampling
     val_fraction: float = DEFAULT_VAL_FRACTION  # paper §4.8: 97% / 3%

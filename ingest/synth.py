@@ -63,7 +63,7 @@ def synth_var(n_genes: int) -> pd.DataFrame:
 
 
 def _sorted_unique(x: np.ndarray) -> np.ndarray:
-    """np.unique via sort (numpy 2.4's hash-based unique is ~20x slower on 10M int64)."""
+    """np.unique via sort (numpy 2.4's hash-based unique is slower on large int64 arrays: BENCHMARKS.md)."""
     x = np.sort(x)
     return x[np.concatenate([[True], x[1:] != x[:-1]])] if x.size else x
 
@@ -93,7 +93,7 @@ class CellSampler:
                           20, self.n_genes // 2).astype(np.int64)
         # draws with replacement, de-duplicated per cell; top up the cells short of their target
         # (popular genes collide) for a few rounds, so detected genes track the lognormal target
-        kt = np.uint32 if n_cells * self.n_genes < 2**32 else np.int64  # 32-bit keys sort ~2x faster
+        kt = np.uint32 if n_cells * self.n_genes < 2**32 else np.int64  # 32-bit keys sort faster (BENCHMARKS.md)
         key = np.zeros(0, dtype=kt)
         need = n_genes.copy()
         for _ in range(6):

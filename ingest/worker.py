@@ -37,17 +37,17 @@ log = logging.getLogger(__name__)
 _OBS_DICT = pa.dictionary(pa.int32(), pa.string())
 
 # TileDB result buffers per X read. Small buffers stream a chunk as several Arrow tables whose
-# memory the allocator recycles, instead of ~650 MB of fresh pages per 10k cells (Census's
-# 1 GiB default); measured ~30% less CPU per read on the benchmark store.
+# memory the allocator recycles, instead of fresh pages for the whole chunk (Census's 1 GiB
+# default); less CPU per read (BENCHMARKS.md, measurements moved from code comments).
 READ_BUFFER_BYTES = 16 << 20
 
 
 # Environment of the Ray worker processes (glibc malloc). By default glibc hands freed heap
 # memory back to the kernel at once, so every chunk re-faults (and the kernel re-zeroes) the
 # hundreds of MB TileDB and Arrow allocated for the previous chunk. Keeping up to 256 MiB of free
-# heap (64 MiB top pad) cuts a 10k-cell read from ~0.56 to ~0.45 CPU-s; two arenas instead of one
-# per TileDB thread keep fragmentation from growing the heap, so a worker's RSS stays flat over
-# 40 chunks (measured ~540-595 MB at 2.5k cells per chunk; without the arena cap it crept to ~1 GB).
+# heap (64 MiB top pad) makes reads cheaper; two arenas instead of one per TileDB thread keep
+# fragmentation from growing the heap, so a worker's RSS stays flat over many chunks (figures:
+# BENCHMARKS.md, measurements moved from code comments).
 WORKER_ENV = {"MALLOC_TRIM_THRESHOLD_": str(256 << 20), "MALLOC_TOP_PAD_": str(64 << 20), "MALLOC_ARENA_MAX": "2"}
 
 # This process's reused work arrays (X genes/counts, bins): one set per Ray worker process.
@@ -105,7 +105,7 @@ def _list_array(offsets: np.ndarray, values: np.ndarray, typ: pa.DataType) -> pa
 
 # The store this worker process has open: (key, census handle, experiment). A worker runs many
 # chunks of one ingest; reopening per chunk built a new TileDB context each time (thread pools,
-# buffers, fragment metadata), which cost up to ~0.4 CPU-s a chunk in reads and obs lookups.
+# buffers, fragment metadata), a cost per chunk in reads and obs lookups (BENCHMARKS.md).
 _OPEN: tuple | None = None
 
 
