@@ -293,3 +293,60 @@ def test_bad_input_is_one_message_and_exit_2(case, extra, match, eval_debug_mode
     assert code == 2
     assert err.startswith("evaluate: error:") and len(err.splitlines()) == 1 and match in err, err
     assert not (tmp_path / "mlflow.db").exists()  # nothing logged
+
+
+def test_atac_mosaic_prepares_and_fine_tunes_with_absent_peak_tokens(debug_model, shipped, tmp_path):
+    """A MuData with a ``peaks`` modality (synthetic accessibility counts, written with mudata) that only
+    batch A measured: batch B cells carry no peak token, A cells carry every selected peak (zeros too);
+    peak keys are modality-qualified; a few fine-tune steps run and move the new peak embeddings."""
+    import anndata as ad
+    import mudata as md
+
+    from eval.multiomic import MultiomicConfig, build_model, fine_tune, tokens
+    from eval.multiomic_data import load_input, prepare_multiomic
+
+    inp, _ = shipped
+    n, n_a, n_peaks = 48, 24, 30
+    obs = pd.DataFrame(index=[f"c{i}" for i in range(n)])
+    rna = ad.AnnData(X=inp.mods["rna"].counts[:n, :3000].toarray(), obs=obs.copy())  # 3,000 genes: small file
+    rna.var_names = inp.mods["rna"].features[:3000]
+    rna.obs["batch"] = ["A"] * n_a + ["B"] * (n - n_a)
+    rna.obs["celltype"] = ["T", "mono"] * (n // 2)
+    rng = np.random.default_rng(0)
+    acc = rng.binomial(2, rng.uniform(0.05, 0.6, size=n_peaks), size=(n_a, n_peaks)).astype(np.float32)
+    peaks = ad.AnnData(X=acc, obs=pd.DataFrame(index=obs.index[:n_a]))  # batch B: no ATAC at all
+    peaks.var_names = [f"chr1:{10_000 + 1_000 * j}-{10_500 + 1_000 * j}" for j in range(n_peaks)]
+    path = tmp_path / "atac_mosaic.h5mu"
+    mdata = md.MuData({"rna": rna, "peaks": peaks})
+    mdata.obs["batch"], mdata.obs["celltype"] = rna.obs["batch"].to_numpy(), rna.obs["celltype"].to_numpy()
+    mdata.write_h5mu(path)
+
+    mi = load_input(str(path))
+    assert list(mi.mods) == ["rna", "atac"]  # "peaks" is the atac alias
+    assert mi.mods["atac"].measured[:n_a].all() and not mi.mods["atac"].measured[n_a:].any()
+    data = prepare_multiomic(mi, debug_model[1], label_key="celltype", batch_key="batch", n_hvg=40)
+    assert data.params["mosaic"] and data.mods["atac"].n_features == n_peaks
+    model, vocab = debug_model
+    cfg = MultiomicConfig(epochs=2, batch_size=16, trunk="scratch")
+    m = build_model(model, vocab, None, data, cfg)
+    assert m.table.names == ("rna", "atac") and m.model.cfg.objectives.dar  # two batches: DAR on
+    key = "atac:" + peaks.var_names[0]
+    assert m.vocab[key] >= len(vocab) and m.table.of_token(key, m.vocab[key]) == "atac"
+    t = tokens(data, m.vocab, m.table)
+    aid = m.table.id("atac")
+    n_rna = data.mods["rna"].n_features
+    atac_ids = set(m.vocab.encode(["atac:" + f for f in data.mods["atac"].features]).tolist())
+    for i, b in enumerate(data.batches):
+        k = int((t.modality[i] == aid).sum())
+        if b == "B":  # not measured: absent, not zero-valued tokens
+            assert k == 0 and len(t.genes[i]) == n_rna and not atac_ids & set(t.genes[i].tolist())
+        else:  # measured: every selected peak, zeros included
+            assert k == n_peaks and set(t.genes[i][t.modality[i] == aid].tolist()) == atac_ids
+    assert any((t.values[i][t.modality[i] == aid] == 0).any() for i in np.flatnonzero(data.batches == "A"))
+    emb = m.model.gene_encoder.embedding.weight
+    ids = torch.as_tensor(sorted(atac_ids))
+    before = emb[ids].detach().clone()
+    m = fine_tune(m, t, cfg)
+    assert len(m.history) == 2 and all(np.isfinite(h["train_loss"]) and np.isfinite(h["val_gep"]) for h in m.history)
+    after = m.model.gene_encoder.embedding.weight
+    assert not torch.equal(after[ids], before)  # the peak tokens were trained
