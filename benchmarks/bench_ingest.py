@@ -161,7 +161,7 @@ def stage_profile(store: Path, n_chunks: int = 4) -> tuple[dict[str, dict[str, f
     import pyarrow.parquet as pq
 
     from ingest.shard_writer import write_shard
-    from ingest.worker import READ_BUFFER_BYTES, _list_array, assemble
+    from ingest.worker import READ_BUFFER_BYTES, _list_array, rows_from_tables
     from scgpt_model.binning import bin_nonzero
     from scgpt_model.schema import OBS_COLUMNS, SHARD_SCHEMA, SHARD_WRITE_OPTIONS
     from shardset import sha256_file
@@ -192,7 +192,7 @@ def stage_profile(store: Path, n_chunks: int = 4) -> tuple[dict[str, dict[str, f
             marks = [("start", *clock())]
             tables = list(X.read(coords=(joinids,)).tables())
             marks.append(("read (TileDB -> Arrow)", *clock()))
-            indptr, genes, counts = assemble(tables, joinids, v2v)
+            indptr, genes, counts = rows_from_tables(tables, joinids, v2v)
             del tables
             marks.append(("check + map + CSR (numba)", *clock()))
             bins = bin_nonzero(indptr, counts, joinids)

@@ -44,7 +44,7 @@ def main() -> None:
     from ingest.validate import validate_shards
     from shardset import Manifest
     from tests.fixtures.training import write_tiny_shards
-    from training import data as D
+    from training import data as train_data
     from training.config import TrainConfig
     from training.launch import _schedule, check_shards
 
@@ -60,7 +60,7 @@ def main() -> None:
         def old() -> None:  # what the driver did before: full validation, then an index for the step count
             validate_shards(shards)
             m = Manifest.load(shards)
-            D.build_index(shards, m)
+            train_data.build_index(shards, m)
 
         def new() -> None:
             m, _ = check_shards(str(shards))

@@ -51,7 +51,8 @@ class IngestConfig:
     num_cpus: int | None = None            # local Ray only; None: all cores
     progress_every_s: float = 2.0         # at most one progress line per this many seconds
 
-    def validate(self) -> None:
+    def check(self) -> None:
+        """Refuse out-of-range arguments (IngestError naming the option); `ingest validate` is the shard check."""
         if problem := n_bins_problem(self.n_bins):
             raise IngestError(f"--n-bins {self.n_bins}: {problem}")
         if self.cells_per_shard < 1:

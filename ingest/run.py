@@ -95,7 +95,7 @@ def sample_joinids(joinids: np.ndarray, max_cells: int, seed: int) -> np.ndarray
 
 
 def plan(cfg: IngestConfig) -> Plan:
-    cfg.validate()
+    cfg.check()
     vocab = _load_vocab(cfg)
     gene_key = vocab.key if vocab else (cfg.gene_key or "feature_id")
     source = source_of(cfg)

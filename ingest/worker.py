@@ -54,9 +54,9 @@ WORKER_ENV = {"MALLOC_TRIM_THRESHOLD_": str(256 << 20), "MALLOC_TOP_PAD_": str(6
 _SCRATCH = Scratch()
 
 
-def assemble(tables: Iterable[pa.Table], joinids: np.ndarray, var_to_vocab: np.ndarray, *,
-             merge_duplicates: bool = False, scratch: Scratch | None = None
-             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def rows_from_tables(tables: Iterable[pa.Table], joinids: np.ndarray, var_to_vocab: np.ndarray, *,
+                     merge_duplicates: bool = False, scratch: Scratch | None = None
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """X tables (soma_dim_0, soma_dim_1, soma_data) of the cells ``joinids`` -> CSR rows in
     ``joinids`` order: (indptr, vocabulary ids ascending per cell, counts float32). Counts are
     checked (finite, non-negative, integer) as each table arrives; genes outside the vocabulary
@@ -169,8 +169,8 @@ def process_chunk(spec: dict) -> dict:
     # costs no memory and lets the log tell reading from assembling
     tables = list(exp.ms["RNA"].X["raw"].read(coords=(joinids,)).tables())
     st.mark("read")
-    indptr, gid, val = assemble(tables, joinids, np.asarray(spec["var_to_vocab"], dtype=np.int32),
-                                merge_duplicates=bool(spec.get("merge_duplicates")), scratch=_SCRATCH)
+    indptr, gid, val = rows_from_tables(tables, joinids, np.asarray(spec["var_to_vocab"], dtype=np.int32),
+                                        merge_duplicates=bool(spec.get("merge_duplicates")), scratch=_SCRATCH)
     del tables
     st.mark("assemble")
     n_genes = np.diff(indptr)

@@ -165,7 +165,7 @@ def test_one_n_bins_range_for_ingest_binning_and_the_model(n_bins, ok):
     from scgpt_model.config import ModelConfig
 
     checks = [(lambda: bin_nonzero(np.array([0, 1]), np.array([1.0]), np.array([0]), n_bins=n_bins), ValueError),
-              (lambda: IngestConfig(out="x", n_bins=n_bins).validate(), IngestError),
+              (lambda: IngestConfig(out="x", n_bins=n_bins).check(), IngestError),
               (lambda: ModelConfig(vocab_size=10, n_bins=n_bins), ValueError)]
     for call, error in checks:
         if ok:

@@ -17,7 +17,7 @@ import tiledbsoma as soma
 from ingest.cli import main
 from ingest.errors import IngestError
 from ingest.store_writer import CensusStoreWriter, DatasetInfo
-from ingest.worker import assemble
+from ingest.worker import rows_from_tables
 
 
 def _census(demo_census: Path, out: Path, *extra: str) -> list[str]:
@@ -129,7 +129,7 @@ def test_chunk_count_check(value, needle):
     vals = np.array([1.0, 2.0, value, 3.0], dtype=np.float32)
     tbl = pa.table({"soma_dim_0": np.array([10, 10, 11, 11]), "soma_dim_1": np.array([0, 1, 0, 1]), "soma_data": vals})
     with pytest.raises(IngestError, match=needle) as e:
-        assemble([tbl], np.array([10, 11]), np.arange(2, dtype=np.int32))
+        rows_from_tables([tbl], np.array([10, 11]), np.arange(2, dtype=np.int32))
     assert "soma_joinid 11" in str(e.value) and "raw" in str(e.value)
 
 

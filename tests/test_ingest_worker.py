@@ -14,7 +14,7 @@ from ingest.csr import Scratch, row_sums
 from ingest.query import IngestConfig
 from ingest.run import plan, sample_joinids
 from ingest.store_writer import CensusStoreWriter, DatasetInfo
-from ingest.worker import assemble, process_chunk
+from ingest.worker import process_chunk, rows_from_tables
 from scgpt_model.binning import bin_nonzero
 from scgpt_model.vocab import GeneVocab
 from shardset import is_validation
@@ -136,12 +136,12 @@ def test_row_assembler_matches_reference(contiguous, merge):
     d0, d1, val = joinids[r], c.astype(np.int64), dense[r, c]
     parts = np.array_split(np.arange(d0.size), 4)
     tables = [pa.table({"soma_dim_0": d0[p], "soma_dim_1": d1[p], "soma_data": val[p]}) for p in parts]
-    indptr, genes, values = assemble(tables, joinids, var_to_vocab, merge_duplicates=merge)
+    indptr, genes, values = rows_from_tables(tables, joinids, var_to_vocab, merge_duplicates=merge)
     # the worker's path: outputs in reused scratch buffers (a stale larger buffer must not leak in)
     scratch = Scratch()
     scratch.array("genes", 10 * genes.size, np.int32)[:] = -7
     scratch.array("values", 10 * genes.size, np.float32)[:] = -7
-    i2, g2, v2 = assemble(tables, joinids, var_to_vocab, merge_duplicates=merge, scratch=scratch)
+    i2, g2, v2 = rows_from_tables(tables, joinids, var_to_vocab, merge_duplicates=merge, scratch=scratch)
     np.testing.assert_array_equal(i2, indptr)
     np.testing.assert_array_equal(g2, genes)
     np.testing.assert_array_equal(v2, values)
@@ -162,7 +162,7 @@ def test_row_assembler_rejects_cells_outside_the_chunk():
     tbl = pa.table({"soma_dim_0": np.array([1, 7]), "soma_dim_1": np.array([0, 1]),
                     "soma_data": np.ones(2, np.float32)})
     with pytest.raises(RuntimeError, match="soma_joinid 7"):
-        assemble([tbl], np.array([1, 2]), np.arange(2, dtype=np.int32))
+        rows_from_tables([tbl], np.array([1, 2]), np.arange(2, dtype=np.int32))
 
 
 def test_scratch_reuses_and_grows_its_buffers():

@@ -75,14 +75,14 @@ def test_mlflow_run_holds_config_metrics_and_lineage(mlflow_run, pretrain_run):
 
 
 def test_exactly_once_per_epoch_across_workers(pretrain_run):
-    from training import data as D
+    from training import data as train_data
     from training.config import TrainConfig
 
     seen = read_seen(pretrain_run.run_dir)
     assert set(seen) == {(0, 0), (0, 1), (1, 0), (1, 1)}
-    train, _ = D.build_index(pretrain_run.shards)
+    train, _ = train_data.build_index(pretrain_run.shards)
     cfg = TrainConfig.from_dict(json.loads((pretrain_run.checkpoint / "train_state.json").read_text())["train"])
-    expected = np.sort(D.subsample(train, cfg.data.max_train_cells, cfg.schedule.seed).joinid)
+    expected = np.sort(train_data.subsample(train, cfg.data.max_train_cells, cfg.schedule.seed).joinid)
     for epoch in (0, 1):
         r0, r1 = seen[(epoch, 0)], seen[(epoch, 1)]
         assert not set(r0) & set(r1), "the workers' shares are disjoint"
@@ -95,7 +95,7 @@ def test_registered_version_reproduces_the_trained_model(pretrain_run):
 
     from scgpt_model.batching import collate_generative
     from scgpt_model.model import ScGPT
-    from training import data as D
+    from training import data as train_data
     from training.registry import consolidated_state_dict, load_registered_model
 
     model, vocab, mcfg, info = load_registered_model(pretrain_run.model_uri, pretrain_run.tracking_uri)
@@ -106,8 +106,8 @@ def test_registered_version_reproduces_the_trained_model(pretrain_run):
     trained = ScGPT(mcfg)
     trained.load_state_dict(consolidated_state_dict(pretrain_run.checkpoint), strict=False)
     trained.eval()
-    train, _ = D.build_index(pretrain_run.shards)
-    genes, bins, _ = D.ShardStore(train).cells(np.arange(8))
+    train, _ = train_data.build_index(pretrain_run.shards)
+    genes, bins, _ = train_data.ShardStore(train).cells(np.arange(8))
     batch = collate_generative(genes, bins, max_seq_len=mcfg.max_seq_len, seed=0, unknown_ratios=(0.5,))
     with torch.no_grad():
         a, b = model(batch), trained(batch)
@@ -146,7 +146,7 @@ def test_bad_model_uris_raise_model_uri_error(pretrain_run, tmp_path):
 def test_exactly_once_per_epoch_with_three_workers(tmp_path, demo_shards):
     """A real 3-worker run (half a CPU each on this 2-core machine): soma_joinid accounting."""
     from tests.fixtures.training import run_train
-    from training import data as D
+    from training import data as train_data
 
     args = ["pretrain", "--config", "debug", "--num-workers", "3", "--cpus-per-worker", "0.5",
             "--zero-stage", "2", "--batch-size", "16", "--max-train-cells", "150", "--epochs", "2",
@@ -157,8 +157,8 @@ def test_exactly_once_per_epoch_with_three_workers(tmp_path, demo_shards):
     assert code == 0, f"train pretrain failed ({code}):\n{out[-3000:]}\n{err[-3000:]}"
     seen = read_seen(tmp_path / "runs" / "three")
     assert set(seen) == {(e, r) for e in (0, 1) for r in (0, 1, 2)}
-    train, _ = D.build_index(demo_shards)
-    expected = np.sort(D.subsample(train, 150, 11).joinid)
+    train, _ = train_data.build_index(demo_shards)
+    expected = np.sort(train_data.subsample(train, 150, 11).joinid)
     for epoch in (0, 1):
         shares = [seen[(epoch, r)] for r in range(3)]
         assert all(shares), "every worker trains"

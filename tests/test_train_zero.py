@@ -37,14 +37,14 @@ def _worker(rank: int, world: int, port: int, shards: str, out_dir: str) -> None
 
     from scgpt_model.presets import get_preset
     from scgpt_model.model import ScGPT
-    from training import data as D
+    from training import data as train_data
     from training.config import debug
     from training.parallelize import build_engine
     from training.registry import consolidated_state_dict
     from training.worker import DS_TAG, make_collate
 
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    train, _ = D.build_index(shards)
+    train, _ = train_data.build_index(shards)
     vocab_size = json.loads((Path(shards) / "vocab.json").read_text())["tokens"].__len__()
     results = {}
     for stage in STAGES:
@@ -56,10 +56,10 @@ def _worker(rank: int, world: int, port: int, shards: str, out_dir: str) -> None
         mcfg = get_preset("debug", vocab_size, init_std=INIT_STD)
         torch.manual_seed(0)
         engine = build_engine(ScGPT(mcfg), cfg, total_steps=STEPS, on_gpu=False)
-        plan = D.rank_plan(train, seed=0, epoch=0, rank=rank, world=world, batch_size=8, grad_accum=2)
+        plan = train_data.rank_plan(train, seed=0, epoch=0, rank=rank, world=world, batch_size=8, grad_accum=2)
         collate = make_collate(cfg, mcfg, epoch=0, rank=rank)
         losses = []
-        for lb in D.iterate(plan[: STEPS * 2], D.ShardStore(train), collate):
+        for lb in train_data.iterate(plan[: STEPS * 2], train_data.ShardStore(train), collate):
             total, _ = engine(lb.batch)
             engine.backward(total)
             engine.step()
