@@ -5,6 +5,7 @@ points at a fresh ingest (a re-run into the same --out stops at the same check).
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import pyarrow.parquet as pq
@@ -70,3 +71,24 @@ def test_the_named_rerun_repairs_the_shard_set(demo_census, demo_shards, tmp_pat
     assert validate_shards(out)["ok"]
     assert Manifest.load(out).hash() == Manifest.load(demo_shards).hash()
     pq.read_table(out / "shards" / "part-00002.parquet")
+
+
+def test_train_gives_an_incomplete_or_edited_shard_set_one_instruction(tmp_path):
+    from training.errors import TrainUsageError
+    from training.launch import check_shards
+
+    out = write_tiny_shards(tmp_path / "s")
+    m = Manifest.load(out)
+    m.replace(complete=False, shards=m.shards[:2]).write(out)  # an interrupted ingest
+    for verify in (False, True):  # the cheap pre-flight and --verify-shards
+        with pytest.raises(TrainUsageError) as e:
+            check_shards(str(out), verify=verify)
+        msg = str(e.value)
+        assert re.search(r"re-run the (same )?`ingest census` command", msg), msg
+        assert "fresh --out" not in msg and "ingest validate" not in msg, msg
+    raw = json.loads((out / MANIFEST_FILE).read_text())
+    raw["n_bins"] = 21
+    (out / MANIFEST_FILE).write_text(json.dumps(raw))
+    with pytest.raises(TrainUsageError) as e:
+        check_shards(str(out))
+    assert "fresh --out" in str(e.value) and "ingest validate" not in str(e.value), str(e.value)

@@ -58,12 +58,15 @@ def check_shards(path: str, *, verify: bool = False) -> tuple[Manifest, Any]:
             validate_shards(p)
         manifest = Manifest.load(p)
         vocab = GeneVocab.load(p / VOCAB_FILE)
-    except (IngestError, ManifestError, VocabError) as e:
-        raise TrainUsageError(f"--shards {path} failed validation: {e}. Re-run `ingest census` into a fresh "
-                              "--out folder (or `ingest validate` to see every problem)") from e
+    except (IngestError, ManifestError) as e:  # their messages name the fix of each problem
+        raise TrainUsageError(f"--shards {path}: {e}") from e
+    except VocabError as e:
+        raise TrainUsageError(f"--shards {path}: {e}; re-run the `ingest census` command that wrote it, with the "
+                              "same arguments and --out (it rewrites vocab.json)") from e
     if manifest.vocab_hash != vocab.hash():
-        raise TrainUsageError(f"--shards {path}: vocab.json does not match the manifest's vocab_hash; "
-                              "the shard set was modified after ingest — re-ingest it")
+        raise TrainUsageError(f"--shards {path}: vocab.json was changed after ingest (it does not match the "
+                              "manifest's vocab_hash); re-run the `ingest census` command that wrote it, with the same "
+                              "arguments and --out (it rewrites vocab.json)")
     D.preflight(p, manifest)
     return manifest, vocab
 
