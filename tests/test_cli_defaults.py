@@ -1,0 +1,41 @@
+"""CLI defaults come from the dataclass defaults (issue 13 item 6): an option left out is no override."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from ingest.cli import _parser, census_overrides
+from ingest.config import IngestConfig
+
+
+def test_ingest_census_options_left_out_keep_the_dataclass_defaults():
+    args = _parser().parse_args(["census", "--out", "o"])
+    assert census_overrides(args) == {}
+    assert IngestConfig(out="o", **census_overrides(args)) == IngestConfig(out="o")
+
+
+def test_every_ingest_census_option_reaches_its_field():
+    argv = ["census", "--out", "o", "--census-uri", "u", "--census-version", "2025-01-01", "--organism",
+            "Mus musculus", "--tissue", "blood", "--tissue", "lung", "--disease", "normal", "--assay", "10x",
+            "--obs-filter", "nnz > 3", "--include-non-primary", "--min-genes", "5", "--max-cells", "7",
+            "--n-bins", "11", "--vocab", "v.json", "--gene-key", "feature_name", "--cells-per-shard", "9",
+            "--seed", "3", "--val-fraction", "0.1", "--ray-address", "auto", "--num-cpus", "2"]
+    cfg = IngestConfig(out="o", **census_overrides(_parser().parse_args(argv)))
+    want = dict(census_uri="u", census_version="2025-01-01", organism="Mus musculus", tissues=("blood", "lung"),
+                diseases=("normal",), assays=("10x",), obs_filters=("nnz > 3",), include_non_primary=True,
+                min_genes=5, max_cells=7, n_bins=11, vocab="v.json", gene_key="feature_name", cells_per_shard=9,
+                seed=3, val_fraction=0.1, ray_address="auto", num_cpus=2)
+    assert {k: getattr(cfg, k) for k in want} == want
+    # every field a user may set has an option (progress_every_s is internal)
+    settable = {f.name for f in dataclasses.fields(IngestConfig)} - {"out", "progress_every_s"}
+    assert settable == set(want)
+
+
+def test_ingest_census_help_shows_the_dataclass_defaults():
+    sub = _parser()._subparsers._group_actions[0].choices["census"]
+    helps = {o: a.help for a in sub._actions for o in a.option_strings}
+    d = IngestConfig(out="o")
+    for option, value in (("--min-genes", d.min_genes), ("--n-bins", d.n_bins), ("--seed", d.seed),
+                          ("--cells-per-shard", d.cells_per_shard), ("--val-fraction", d.val_fraction),
+                          ("--census-version", d.census_version), ("--organism", d.organism)):
+        assert f"default: {value}" in helps[option], (option, helps[option])
