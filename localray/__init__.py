@@ -24,7 +24,7 @@ import os
 import sys
 from typing import Any
 
-from localray import quiet
+from localray import quiet, signals
 
 log = logging.getLogger(__name__)
 
@@ -170,6 +170,7 @@ def start_local(*, num_cpus: int | None = None, worker_env: dict[str, str] | Non
         ray.shutdown()
         raise LocalRayError(f"the local Ray came up on {gcs}, not on loopback; export "
                             "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 before anything imports ray")
+    signals.reinstall()  # ray.init replaced the SIGTERM handler of a command that stops cleanly
 
 
 def connect(address: str, *, worker_env: dict[str, str] | None = None, **kwargs: Any) -> None:
@@ -184,3 +185,4 @@ def connect(address: str, *, worker_env: dict[str, str] | None = None, **kwargs:
     if worker_env:
         kwargs["runtime_env"] = {"env_vars": dict(worker_env)}
     ray.init(address=address, **kwargs)
+    signals.reinstall()

@@ -179,9 +179,9 @@ def _ckpt(tmp_path, step):
 def test_the_driver_s_checkpoint_wins_over_an_older_ray_snapshot(tmp_path):
     from training.worker import checkpoint_step, start_checkpoint
 
-    d2, c2 = _ckpt(tmp_path, 2)
-    d4, c4 = _ckpt(tmp_path, 4)
-    d6, c6 = _ckpt(tmp_path, 6)
+    _, c2 = _ckpt(tmp_path, 2)
+    d4, _ = _ckpt(tmp_path, 4)
+    _, c6 = _ckpt(tmp_path, 6)
     # --resume found step 4 on disk; Ray's snapshot of the earlier fit still names step 2
     assert checkpoint_step(start_checkpoint(str(d4), c2)) == 4
     assert checkpoint_step(start_checkpoint(str(d4), None)) == 4

@@ -14,6 +14,7 @@ import typing
 from pathlib import Path
 
 import localray
+from localray.signals import Interrupted, stop_on_signals
 from training.config import PRESETS, ZERO_STAGES, Optimizer, Precision, TrainConfig, load_config
 from training.errors import TrainUsageError
 
@@ -124,6 +125,11 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.cwd() / ".cache" / "torch_extensions"))
     localray.quiet.no_progress_bars_unless_terminal()  # before ray/deepspeed/mlflow import tqdm
     args = build_parser().parse_args(argv)
+    with stop_on_signals():
+        return _pretrain(args)
+
+
+def _pretrain(args: argparse.Namespace) -> int:
     try:
         base = None
         if args.resume is not None:  # the run's own config, then only the flags given now
@@ -147,6 +153,9 @@ def main(argv: list[str] | None = None) -> int:
     except localray.LocalRayError as e:  # not bad input: the machine could not start Ray
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 1
+    except Interrupted as e:  # Ray is shut down and the run marked KILLED by now
+        print(f"interrupted by {e.name}: {e.kept or 'nothing was written'}", file=sys.stderr, flush=True)
+        return e.exit_code
     print(f"model: {res.model_uri or '(not registered)'}  run: {res.run_id}  tracking: {res.tracking_uri}", flush=True)
     return 0
 

@@ -10,11 +10,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from localray.signals import Interrupted
 from shardset import MANIFEST_FILE, VOCAB_FILE, Manifest, ManifestError
 from training import data as D
 from training import tracking
@@ -303,6 +305,7 @@ def run_pretrain(cfg: TrainConfig, *, resume: str | None = None, verify_shards: 
         _name_new_run(cfg, inp.storage)
     sched = _schedule(cfg, inp.manifest)
 
+    run_id: str | None = None
     started = _start_ray(cfg)
     try:
         check_resources(cfg)
@@ -336,18 +339,45 @@ def run_pretrain(cfg: TrainConfig, *, resume: str | None = None, verify_shards: 
               flush=True)
         return PretrainResult(run_id, inp.uri, model_uri, str(ckpt_path), str(inp.storage / cfg.cluster.run_name),
                               final)
+    except Interrupted as e:
+        if started:  # stop the workers before looking at what they left
+            ray.shutdown()
+            started = False
+        if run_id is not None:
+            tracking.end_run(inp.uri, run_id, "KILLED")
+        e.kept = _interrupted_note(cfg, inp, run_id)
+        raise
     finally:
         if started:
             ray.shutdown()
+
+
+def _interrupted_note(cfg: TrainConfig, inp: _Inputs, run_id: str | None) -> str:
+    """What an interrupted run kept and how to continue it (one line)."""
+    run_dir = inp.storage / cfg.cluster.run_name
+    try:
+        ckpt = find_checkpoint(inp.storage, str(run_dir))
+    except TrainUsageError:
+        ckpt = None
+    run = f"MLflow run {run_id} marked KILLED" if run_id else "no MLflow run was started"
+    if ckpt is None:
+        return f"no checkpoint was written yet ({run}); start it again with the same command"
+    step = json.loads((ckpt / STATE_FILE).read_text())["step"]
+    return (f"kept the step-{step} checkpoint {ckpt} ({run}); continue with: train pretrain --resume {run_dir} "
+            f"--storage-path {inp.storage}")
 
 
 def _fit(cfg: TrainConfig, mcfg, storage: Path, loop_config: dict[str, Any]):
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    from training.rendezvous import torch_config
+
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
+        # the process group's TCPStore on loopback for a local run (torch's default: every interface)
+        torch_config=torch_config(cfg.cluster.ray_address, use_gpu=cfg.cluster.use_gpu),
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.cluster.num_workers, use_gpu=cfg.cluster.use_gpu,
             resources_per_worker={"CPU": cfg.cluster.cpus_per_worker, **({"GPU": 1} if cfg.cluster.use_gpu else {})}),
@@ -356,12 +386,27 @@ def _fit(cfg: TrainConfig, mcfg, storage: Path, loop_config: dict[str, Any]):
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             failure_config=ray.train.FailureConfig(max_failures=0)),
     )
-    try:
-        return trainer.fit()
-    except Exception as e:
+    # fit() in a helper thread: in the main thread Ray Train takes SIGINT over (its handler asks
+    # the controller to abort and can wait for minutes); here the main thread only waits, so
+    # SIGINT / SIGTERM reach localray.signals, and run_pretrain stops Ray itself
+    box: dict[str, Any] = {}
+
+    def fit() -> None:
+        try:
+            box["result"] = trainer.fit()
+        except BaseException as e:  # noqa: BLE001 - handed to the main thread below
+            box["error"] = e
+
+    thread = threading.Thread(target=fit, name="ray-train-fit", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.5)
+    if "error" in box:
+        e = box["error"]
         if loop_config.get("mlflow_run_id"):
             tracking.end_run(loop_config["tracking_uri"], loop_config["mlflow_run_id"], "FAILED")
         raise RuntimeError(f"training failed: {e}") from e
+    return box["result"]
 
 
 def _final_checkpoint(result) -> tuple[Path, dict[str, Any]]:

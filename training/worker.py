@@ -20,10 +20,11 @@ import json
 import logging
 import tempfile
 import time
-from pathlib import Path
+from collections.abc import Iterator
 from contextlib import closing
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -317,6 +318,7 @@ def start_checkpoint(resume_path: str | None, restored):
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray
     import ray.train
+
     from scgpt_model.config import ModelConfig
     from scgpt_model.model import ScGPT
 
