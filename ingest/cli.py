@@ -6,6 +6,7 @@ Bad input exits with code 2 and one message naming the fix (SPEC §7).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.metadata
 import json
 import logging
@@ -35,41 +36,44 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("-v", "--verbose", action="store_true", help="debug logging (per-stage wall/CPU seconds)")
     sub = ap.add_subparsers(dest="cmd", required=True)
 
+    # `ingest census`: every default is IngestConfig's (the option's default None = no override)
+    from ingest.config import IngestConfig
+
+    dflt = {f.name: f.default for f in dataclasses.fields(IngestConfig) if f.default is not dataclasses.MISSING}
     c = sub.add_parser("census", help="query a Census (public or local) and write binned shards")
     src = c.add_argument_group("source")
     src.add_argument("--census-uri", help="a local Census copy or a store from build-census/build-demo")
-    src.add_argument("--census-version", default="stable", help="public Census release (default: stable); "
+    src.add_argument("--census-version", help=f"public Census release (default: {dflt['census_version']}); "
                      "ignored when --census-uri is given")
-    src.add_argument("--organism", default="Homo sapiens", help=f"{ORGANISMS} (default: %(default)s)")
+    src.add_argument("--organism", help=f"{ORGANISMS} (default: {dflt['organism']})")
     q = c.add_argument_group("query")
-    q.add_argument("--tissue", action="append", default=[], help="tissue_general value; repeat for several (OR)")
-    q.add_argument("--disease", action="append", default=[], help="disease value; repeatable (OR)")
-    q.add_argument("--assay", action="append", default=[], help="assay value; repeatable (OR)")
-    q.add_argument("--obs-filter", action="append", default=[],
-                   help="raw SOMA value filter, ANDed with the rest; repeatable")
-    q.add_argument("--include-non-primary", action="store_true",
+    q.add_argument("--tissue", action="append", help="tissue_general value; repeat for several (OR)")
+    q.add_argument("--disease", action="append", help="disease value; repeatable (OR)")
+    q.add_argument("--assay", action="append", help="assay value; repeatable (OR)")
+    q.add_argument("--obs-filter", action="append", help="raw SOMA value filter, ANDed with the rest; repeatable")
+    q.add_argument("--include-non-primary", action="store_true", default=None,
                    help="also take is_primary_data == False cells (duplicates of cells in other datasets)")
-    q.add_argument("--min-genes", type=int, default=1, help="minimum nonzero genes (in the vocabulary) per cell, "
-                   "an integer >= 0 (default: %(default)s)")
-    q.add_argument("--max-cells", type=int, default=None, help="a seeded sample of this many cells, an integer >= 1 "
+    q.add_argument("--min-genes", type=int, help="minimum nonzero genes (in the vocabulary) per cell, "
+                   f"an integer >= 0 (default: {dflt['min_genes']})")
+    q.add_argument("--max-cells", type=int, help="a seeded sample of this many cells, an integer >= 1 "
                    "(quick runs; default: all)")
     t = c.add_argument_group("tokens")
-    t.add_argument("--n-bins", type=int, default=51, help="expression bins per cell (paper eq. 2), an integer "
-                   "from 3 to 256 (stored as uint8; default: %(default)s, the paper's)")
+    t.add_argument("--n-bins", type=int, help="expression bins per cell (paper eq. 2), an integer "
+                   f"from 3 to 256 (stored as uint8; default: {dflt['n_bins']}, the paper's)")
     t.add_argument("--vocab", help="reuse this vocab.json (ours or an official scGPT one; default: the store's genes)")
-    t.add_argument("--gene-key", choices=["feature_id", "feature_name"], default=None,
+    t.add_argument("--gene-key", choices=["feature_id", "feature_name"],
                    help="match genes by Ensembl id (feature_id) or symbol (feature_name); "
                    "default: the --vocab's key, else feature_id")
     o = c.add_argument_group("output and execution")
     o.add_argument("--out", required=True, help="shard directory (created; re-run with same args to resume)")
-    o.add_argument("--cells-per-shard", type=int, default=10_000, help="cells per Parquet shard (one Ray task "
-                   "each; bounds worker memory), an integer >= 1 (default: %(default)s)")
-    o.add_argument("--seed", type=int, default=0, help="seed of the binning tie draws, the validation split and "
-                   "--max-cells sampling, any integer (default: %(default)s)")
-    o.add_argument("--val-fraction", type=float, default=0.03, help="share of cells held out for validation, "
-                   "in [0, 1) (default: %(default)s, the paper's 97/3 split)")
-    o.add_argument("--ray-address", default=None, help="an existing Ray cluster (default: start a local one)")
-    o.add_argument("--num-cpus", type=int, default=None, help="CPUs for the local Ray, an integer >= 1 (default: all)")
+    o.add_argument("--cells-per-shard", type=int, help="cells per Parquet shard (one Ray task "
+                   f"each; bounds worker memory), an integer >= 1 (default: {dflt['cells_per_shard']})")
+    o.add_argument("--seed", type=int, help="seed of the binning tie draws, the validation split and "
+                   f"--max-cells sampling, any integer (default: {dflt['seed']})")
+    o.add_argument("--val-fraction", type=float, help="share of cells held out for validation, "
+                   f"in [0, 1) (default: {dflt['val_fraction']}, the paper's 97/3 split)")
+    o.add_argument("--ray-address", help="an existing Ray cluster (default: start a local one)")
+    o.add_argument("--num-cpus", type=int, help="CPUs for the local Ray, an integer >= 1 (default: all)")
 
     b = sub.add_parser("build-census", help="write a Census-layout store from .h5ad files")
     b.add_argument("--h5ad", action="append", required=True, help="an AnnData file with raw counts; repeatable")
@@ -106,18 +110,31 @@ def _parser() -> argparse.ArgumentParser:
     return ap
 
 
+# `ingest census` options -> IngestConfig fields; the repeatable ones become tuples
+_CENSUS_FIELDS = {"census_uri": "census_uri", "census_version": "census_version", "organism": "organism",
+                  "tissue": "tissues", "disease": "diseases", "assay": "assays", "obs_filter": "obs_filters",
+                  "include_non_primary": "include_non_primary", "min_genes": "min_genes", "n_bins": "n_bins",
+                  "vocab": "vocab", "gene_key": "gene_key", "cells_per_shard": "cells_per_shard",
+                  "max_cells": "max_cells", "seed": "seed", "val_fraction": "val_fraction",
+                  "ray_address": "ray_address", "num_cpus": "num_cpus"}
+
+
+def census_overrides(args: argparse.Namespace) -> dict:
+    """The IngestConfig fields given on the command line (an option left out keeps the dataclass default)."""
+    out = {}
+    for dest, name in _CENSUS_FIELDS.items():
+        v = getattr(args, dest)
+        if v is not None:
+            out[name] = tuple(v) if isinstance(v, list) else v
+    return out
+
+
 def _run(args: argparse.Namespace) -> int:
     if args.cmd == "census":
         from ingest.query import IngestConfig
         from ingest.run import run_ingest
 
-        cfg = IngestConfig(out=args.out, census_uri=args.census_uri, census_version=args.census_version,
-                           organism=args.organism, tissues=tuple(args.tissue), diseases=tuple(args.disease),
-                           assays=tuple(args.assay), obs_filters=tuple(args.obs_filter),
-                           include_non_primary=args.include_non_primary, min_genes=args.min_genes,
-                           n_bins=args.n_bins, vocab=args.vocab, gene_key=args.gene_key,
-                           cells_per_shard=args.cells_per_shard, max_cells=args.max_cells, seed=args.seed,
-                           val_fraction=args.val_fraction, ray_address=args.ray_address, num_cpus=args.num_cpus)
+        cfg = IngestConfig(out=args.out, **census_overrides(args))
         m = run_ingest(cfg)
         print(json.dumps({"out": args.out, "cells": m.totals.cells, "shards": len(m.shards),
                           "n_val": m.totals.n_val, "manifest_hash": m.hash()}))
