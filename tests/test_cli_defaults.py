@@ -39,3 +39,19 @@ def test_ingest_census_help_shows_the_dataclass_defaults():
                           ("--cells-per-shard", d.cells_per_shard), ("--val-fraction", d.val_fraction),
                           ("--census-version", d.census_version), ("--organism", d.organism)):
         assert f"default: {value}" in helps[option], (option, helps[option])
+
+
+def test_evaluate_defaults_match_eval_options():
+    # evaluate's parser stays import-light (no torch for --help), so it spells its defaults; this
+    # binds each one to the EvalOptions field it fills
+    from eval.cli import _parser as eval_parser
+    from eval.tasks import EvalOptions
+
+    args = eval_parser(False).parse_args(["--model", "m", "--task", "annotation", "--dataset", "d"])
+    d = EvalOptions()
+    fields = {"epochs": "epochs", "batch_size": "batch_size", "lr": "lr", "warmup": "warmup_fraction",
+              "weight_decay": "weight_decay", "n_hvg": "n_hvg", "max_cells": "max_cells", "seed": "seed",
+              "label_fraction": "label_fraction", "min_steps": "min_steps", "cell_emb": "cell_emb",
+              "splits": "n_splits", "max_perturbations": "max_perturbations", "trunk": "trunk"}
+    assert {dest: getattr(args, dest) for dest in fields} == {dest: getattr(d, f) for dest, f in fields.items()}
+    assert (not args.no_random_init, not args.no_plots) == (d.random_init, d.plots)
