@@ -55,3 +55,19 @@ def test_evaluate_defaults_match_eval_options():
               "splits": "n_splits", "max_perturbations": "max_perturbations", "trunk": "trunk"}
     assert {dest: getattr(args, dest) for dest in fields} == {dest: getattr(d, f) for dest, f in fields.items()}
     assert (not args.no_random_init, not args.no_plots) == (d.random_init, d.plots)
+
+
+def test_build_census_and_synth_census_defaults_match_their_functions():
+    # these parsers spell their defaults so `ingest --help` stays free of anndata/tiledbsoma; bind them
+    import inspect
+
+    from ingest.build_census import build_census
+    from ingest.synth import SynthConfig
+
+    b = _parser().parse_args(["build-census", "--h5ad", "a.h5ad", "--out", "o"])
+    sig = inspect.signature(build_census).parameters
+    assert (b.layer, b.organism, b.on_duplicate_genes) == tuple(
+        sig[k].default for k in ("layer", "organism", "on_duplicate_genes"))
+    s = _parser().parse_args(["synth-census", "--cells", "10", "--out", "o"])
+    d = SynthConfig(n_cells=10)
+    assert (s.genes, s.mean_genes, s.chunk_cells, s.seed) == (d.n_genes, d.mean_genes, d.chunk_cells, d.seed)
