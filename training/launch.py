@@ -18,7 +18,7 @@ from typing import Any
 
 from localray.signals import Interrupted
 from shardset import MANIFEST_FILE, VOCAB_FILE, Manifest, ManifestError
-from training import data as D
+from training import data as train_data
 from training import tracking
 from training.config import TrainConfig, validate
 from training.errors import TrainUsageError
@@ -69,7 +69,7 @@ def check_shards(path: str, *, verify: bool = False) -> tuple[Manifest, Any]:
         raise TrainUsageError(f"--shards {path}: vocab.json was changed after ingest (it does not match the "
                               "manifest's vocab_hash); re-run the `ingest census` command that wrote it, with the same "
                               "arguments and --out (it rewrites vocab.json)")
-    D.preflight(p, manifest)
+    train_data.preflight(p, manifest)
     return manifest, vocab
 
 
@@ -244,7 +244,7 @@ def _schedule(cfg: TrainConfig, manifest: Manifest) -> _Schedule:
                               "`ingest census` with a query that matches cells")
     n_train = min(n_all, cfg.data.max_train_cells or n_all)
     world, ga = cfg.cluster.num_workers, cfg.optim.grad_accum
-    steps_per_epoch = D.batches_per_epoch(n_train, world, cfg.data.batch_size, ga) // ga
+    steps_per_epoch = train_data.batches_per_epoch(n_train, world, cfg.data.batch_size, ga) // ga
     if n_train // world < steps_per_epoch * ga:
         raise TrainUsageError(f"{n_train} training cells are too few for {world} workers; use fewer workers")
     total_steps = steps_per_epoch * cfg.schedule.epochs

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from training import data as D
+from training import data as train_data
 from training.config import TrainConfig
 from training.parallelize import build_engine, resolve_precision
 
@@ -113,7 +113,7 @@ class TrainStep:
         self.engine, self.mcfg, self.device, self.bf16 = engine, mcfg, device, bf16
         self.grad_accum, self.seed, self.rank, self.count_flops = grad_accum, seed, rank, count_flops
 
-    def __call__(self, batches: Iterator[D.LoadedBatch], epoch: int) -> StepRecord | None:
+    def __call__(self, batches: Iterator[train_data.LoadedBatch], epoch: int) -> StepRecord | None:
         """The next step of ``batches``, or None when the epoch has no micro-batch left."""
         from scgpt_model.flops import batch_flops
 
@@ -212,7 +212,7 @@ class Validator:
     """Mean validation loss terms over the fixed validation subset, every ``every`` steps and at
     the end (all ranks take part)."""
 
-    def __init__(self, engine, cfg: TrainConfig, mcfg, store: D.ShardStore, plan: list[np.ndarray], *,
+    def __init__(self, engine, cfg: TrainConfig, mcfg, store: train_data.ShardStore, plan: list[np.ndarray], *,
                  device: torch.device, bf16: bool, rank: int) -> None:
         self.engine, self.store, self.plan, self.device, self.bf16 = engine, store, plan, device, bf16
         self.every = cfg.schedule.val_every
@@ -225,7 +225,7 @@ class Validator:
         names, sums, n = None, None, 0
         self.engine.eval()
         with torch.no_grad():
-            for lb in D.iterate(self.plan, self.store, self.collate, prefetch=2):
+            for lb in train_data.iterate(self.plan, self.store, self.collate, prefetch=2):
                 total, terms = self.engine(_to_device(lb.batch, self.device, self.bf16))
                 v = _loss_vector(total, terms) * lb.batch.n_cells
                 if names is None:
@@ -342,12 +342,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     engine = build_engine(model, cfg, total_steps=total_steps, on_gpu=on_gpu)
 
     # data: the index is small (joinid + length per cell); shards are read lazily
-    train_idx, val_idx = D.build_index(cfg.data.shards)
-    train_idx = D.subsample(train_idx, cfg.data.max_train_cells, seed)
+    train_idx, val_idx = train_data.build_index(cfg.data.shards)
+    train_idx = train_data.subsample(train_idx, cfg.data.max_train_cells, seed)
     # a bucketing window can span two shuffle blocks: keep both blocks' shards decoded
-    store, val_store = D.ShardStore(train_idx, cache_shards=2 * cfg.data.shuffle_shards), D.ShardStore(val_idx)
-    val_plan = D.validation_plan(val_idx, seed=seed, rank=rank, world=world, batch_size=cfg.data.batch_size,
-                                 max_cells=cfg.data.val_max_cells)
+    store = train_data.ShardStore(train_idx, cache_shards=2 * cfg.data.shuffle_shards)
+    val_store = train_data.ShardStore(val_idx)
+    val_plan = train_data.validation_plan(val_idx, seed=seed, rank=rank, world=world,
+                                          batch_size=cfg.data.batch_size, max_cells=cfg.data.val_max_cells)
 
     base_state = {k: config[k] for k in ("mlflow_run_id", "vocab_hash", "manifest_hash", "world_size")}
     nodes: list = [None] * world  # which Ray node each rank runs on (recorded in every checkpoint)
@@ -378,13 +379,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     for epoch in range(state["epoch"], cfg.schedule.epochs):
         if done:
             break
-        plan = D.rank_plan(train_idx, seed=seed, epoch=epoch, rank=rank, world=world, batch_size=cfg.data.batch_size,
-                           grad_accum=cfg.optim.grad_accum, bucket_window=cfg.data.bucket_window,
-                           max_len=mcfg.max_seq_len, shuffle_shards=cfg.data.shuffle_shards)
+        plan = train_data.rank_plan(train_idx, seed=seed, epoch=epoch, rank=rank, world=world,
+                                    batch_size=cfg.data.batch_size, grad_accum=cfg.optim.grad_accum,
+                                    bucket_window=cfg.data.bucket_window, max_len=mcfg.max_seq_len,
+                                    shuffle_shards=cfg.data.shuffle_shards)
         start = state["next_batch"] if epoch == state["epoch"] else 0
         collate = make_collate(cfg, mcfg, epoch=epoch, rank=rank)
         seen: list[np.ndarray] = []
-        with closing(D.iterate(plan, store, collate, start=start, prefetch=cfg.data.prefetch_batches)) as batches:
+        batches_it = train_data.iterate(plan, store, collate, start=start, prefetch=cfg.data.prefetch_batches)
+        with closing(batches_it) as batches:
             while not done and (rec := train_step(batches, epoch)) is not None:
                 step += 1
                 seen.extend(rec.joinids)
@@ -403,6 +406,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                                       next_batch=0 if end_of_epoch else rec.last_index + 1, metrics=metrics)
                 t_step = time.perf_counter()
         if seen_dir is not None:
-            D.write_seen(seen_dir, epoch, rank, seen)
+            train_data.write_seen(seen_dir, epoch, rank, seen)
     checkpointer.finish(step=step, epochs=cfg.schedule.epochs, metrics=metrics)
     meter.close()
