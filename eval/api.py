@@ -102,8 +102,9 @@ class ScGPTModel:
     # embeddings -----------------------------------------------------------------------------
     @torch.no_grad()
     def embed_cells(self, adata: ad.AnnData | PreparedData, *, batch_size: int = 64, seed: int = 0,
-                    batch_key: str | None = None) -> np.ndarray:
-        """(n_cells, d_model) cell embeddings (the final ``<cls>`` state).
+                    batch_key: str | None = None, style: str | None = None) -> np.ndarray:
+        """(n_cells, d_model) cell embeddings: the final ``<cls>`` state, or with ``style="avg-pool"``
+        the mean final state of the cell's genes (None: the model's ``cell_emb_style``).
 
         Pretrained model (zero-shot): each cell's expressed genes among the vocabulary with
         their bins, sub-sampled to ``max_seq_len`` with a seeded generator. Fine-tuned model:
@@ -112,7 +113,7 @@ class ScGPTModel:
         if self.finetune is not None:
             data = self._prepare_like_finetune(adata, batch_key)
             return embed_fixed_genes(self.model, data, batch_names=self.finetune.batches or None,
-                                     batch_size=batch_size, device=self.device)
+                                     batch_size=batch_size, device=self.device, style=style)
         data = self.prepare(adata, require_labels=False)
         self.model.eval()
         rng = np.random.default_rng(seed)
@@ -124,7 +125,7 @@ class ScGPTModel:
             vals = [B.data[B.indptr[r]:B.indptr[r + 1]] for r in rows]
             batch = collate_all_genes(genes, vals, seed=rng, mask_ratio=0.0, max_seq_len=self.config.max_seq_len,
                                       backend=self.model.collate_backend()).to(self.device)
-            out.append(self.model.embed_cells(batch).float().cpu().numpy())
+            out.append(self.model.embed_cells(batch, style=style).float().cpu().numpy())
         return np.concatenate(out)
 
     def embed_genes(self, genes: list[str] | None = None) -> tuple[list[str], np.ndarray]:

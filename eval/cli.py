@@ -89,6 +89,10 @@ def _parser(suite: bool) -> argparse.ArgumentParser:
                          "0.1 = a label-scarce reference)")
     ap.add_argument("--min-steps", type=int, default=0,
                     help="fine-tuning: at least this many optimizer steps (more epochs for a small reference)")
+    ap.add_argument("--cell-emb", choices=("cls", "avg-pool"),
+                    help="the cell embedding of annotation, integration and zero-shot: the final <cls> state or "
+                         "avg-pool, the mean final gene state (default: avg-pool for annotation and zero-shot, "
+                         "cls for integration; BENCHMARKS.md, issue 10)")
     ap.add_argument("--n-hvg", type=int, help="HVGs (default: paper's 3000 annotation, 1200 integration)")
     ap.add_argument("--max-cells", type=int, default=0, help="subsample cells (seeded), an integer >= 0; 0 = all")
     ap.add_argument("--seed", type=int, default=0, help="seed of splits, subsampling, fine-tuning and the random-init "
@@ -204,7 +208,7 @@ def _main(args: argparse.Namespace, suite: bool) -> int:
     opts = tasks.EvalOptions(
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, warmup_fraction=args.warmup,
         weight_decay=args.weight_decay, n_hvg=args.n_hvg, max_cells=args.max_cells,
-        seed=args.seed, label_fraction=args.label_fraction, min_steps=args.min_steps, random_init=not args.no_random_init, plots=not args.no_plots, device=device,
+        seed=args.seed, label_fraction=args.label_fraction, min_steps=args.min_steps, cell_emb=args.cell_emb, random_init=not args.no_random_init, plots=not args.no_plots, device=device,
         label_key=None if suite else args.label_key, batch_key=None if suite else args.batch_key,
         query_batches=() if suite else tuple(args.query_batch), trunk=args.trunk,
         perturbation_key=None if suite else args.perturbation_key, control=None if suite else args.control,

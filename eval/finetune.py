@@ -28,7 +28,7 @@ import torch
 
 from eval.data import PreparedData
 from scgpt_model.batching import collate_all_genes
-from scgpt_model.config import ModelConfig
+from scgpt_model.config import CellEmbStyle, ModelConfig
 from scgpt_model.model import ScGPT
 
 log = logging.getLogger(__name__)
@@ -53,6 +53,8 @@ class FineTuneConfig:
     ecs_beta: float = 0.6  # §4.8
     ecs_weight: float = 10.0  # §4.8
     grad_clip: float = 1.0  # as the reference fine-tuning scripts
+    cell_emb: CellEmbStyle | None = None  # the cell embedding the CLS head / ECS / DAR read: "cls" or "avg-pool"
+    # (the mean final gene state); None keeps the pretrained model's (BENCHMARKS.md, issue 10)
     seed: int = 0
     device: str = "cpu"
 
@@ -70,6 +72,8 @@ def task_config(base: ModelConfig, task: Task, n_classes: int = 0, n_batches: in
                 ft: FineTuneConfig | None = None) -> ModelConfig:
     """The fine-tuning architecture: the pretrained one plus the task's heads and objectives."""
     ft = ft or FineTuneConfig(task=task)
+    if ft.cell_emb is not None:
+        base = base.replace(cell_emb_style=ft.cell_emb)
     if task == "annotation":
         return base.replace(n_cell_types=n_classes, objectives=dict(gep=False, gepc=False, ecs=False,
                                                                     dar=False, cls=True))
@@ -247,7 +251,7 @@ def evaluate_loss(model: ScGPT, data: PreparedData, dense: np.ndarray, idx: np.n
 
 @torch.no_grad()
 def embed_fixed_genes(model: ScGPT, data: PreparedData, *, batch_names: list[str] | None = None,
-                      batch_size: int = 64, device: str = "cpu") -> np.ndarray:
+                      batch_size: int = 64, device: str = "cpu", style: str | None = None) -> np.ndarray:
     """(n_cells, d_model) cell embeddings on the HVG set with zeros (fine-tuned models)."""
     model.eval()
     dense = data.bins.toarray().astype(np.float32)
@@ -256,7 +260,7 @@ def embed_fixed_genes(model: ScGPT, data: PreparedData, *, batch_names: list[str
     for b in _batches(data.n_cells, batch_size, None):
         batch = _collate(data, dense, b, mask_ratio=0.0, seed=0, backend=model.collate_backend(),
                          labels=None, batches=batches).to(device)
-        out.append(model.embed_cells(batch).float().cpu().numpy())
+        out.append(model.embed_cells(batch, style=style).float().cpu().numpy())
     return np.concatenate(out)
 
 

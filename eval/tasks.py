@@ -49,6 +49,7 @@ class EvalOptions:
     query_fraction: float = 0.2  # stratified query share when there are no query batches
     label_fraction: float = 1.0  # annotation: the share of reference cells whose labels are used (stratified)
     min_steps: int = 0  # fine-tuning: a floor on optimizer steps (epochs are raised to reach it)
+    cell_emb: str | None = None  # "cls" / "avg-pool"; None: the task's default (DEFAULT_CELL_EMB)
     knn_k: int = 10
     network_threshold: float = 0.4  # §4.7: 0.4 (CD antigens); 0.5 for HLA
     query_gene: str = "CD8A"  # §4.7
@@ -61,6 +62,15 @@ class EvalOptions:
     control: str | None = None  # perturbation: control label (None: the first of ctrl, control, non-targeting, NT)
     n_splits: int = 5  # perturbation: unseen-perturbation split seeds (seed, seed + 1, ...)
     max_perturbations: int = 0  # perturbation: 0 = all; >0 keeps that many (seeded) for quick runs
+
+
+# The cell embedding each task reads (`--cell-emb` overrides). The CPU-scale pretrained `<cls>` state is
+# dominated by sequencing depth; the mean gene state carries more cell type (BENCHMARKS.md, issue 10).
+DEFAULT_CELL_EMB = {"annotation": "avg-pool", "integration": "cls", "zero-shot": "avg-pool"}  # integration: not measured
+
+
+def cell_emb(opts: EvalOptions, task: str) -> str:
+    return opts.cell_emb or DEFAULT_CELL_EMB[task]
 
 
 @dataclass
@@ -147,7 +157,8 @@ def _split(p: Plan, opts: EvalOptions) -> tuple[np.ndarray, np.ndarray, str]:
 def _base_params(p: Plan, opts: EvalOptions, model: ScGPTModel) -> dict:
     return {"task": p.task, "dataset": p.dataset, "n_cells": p.data.n_cells, "gene_match": p.data.match.report(),
             "genes_matched": p.data.match.n_matched, "seed": opts.seed, "max_cells": opts.max_cells,
-            "model_d_model": model.config.d_model, "model_n_layers": model.config.n_layers, **p.params}
+            "model_d_model": model.config.d_model, "model_n_layers": model.config.n_layers,
+            **({"cell_emb": cell_emb(opts, p.task)} if p.task in DEFAULT_CELL_EMB else {}), **p.params}
 
 
 def run_annotation(p: Plan, model: ScGPTModel, opts: EvalOptions, outdir: Path) -> TaskResult:
@@ -164,7 +175,8 @@ def run_annotation(p: Plan, model: ScGPTModel, opts: EvalOptions, outdir: Path) 
     y_q = qry.labels
     ft = FineTuneConfig(task="annotation", epochs=opts.epochs, batch_size=opts.batch_size, seed=opts.seed,
                         device=opts.device, lr=opts.lr, warmup_fraction=opts.warmup_fraction,
-                        weight_decay=opts.weight_decay, min_steps=opts.min_steps)
+                        weight_decay=opts.weight_decay, min_steps=opts.min_steps,
+                        cell_emb=cell_emb(opts, "annotation"))
     rows, hist, arts = {}, {}, []
     variants = [(MODEL, model.model)] + ([(RANDOM, None)] if opts.random_init else [])
     for label, init in variants:
@@ -210,7 +222,8 @@ def run_integration(p: Plan, model: ScGPTModel, opts: EvalOptions, outdir: Path)
     d = p.data
     ft = FineTuneConfig(task="integration", epochs=opts.epochs, batch_size=opts.batch_size, seed=opts.seed,
                         device=opts.device, lr=opts.lr, warmup_fraction=opts.warmup_fraction,
-                        weight_decay=opts.weight_decay, min_steps=opts.min_steps)
+                        weight_decay=opts.weight_decay, min_steps=opts.min_steps,
+                        cell_emb=cell_emb(opts, "integration"))
     rows, arts, best = {}, [], {}
     variants = [(MODEL, model.model)] + ([(RANDOM, None)] if opts.random_init else [])
     for label, init in variants:
@@ -235,9 +248,10 @@ def run_zero_shot(p: Plan, model: ScGPTModel, opts: EvalOptions, outdir: Path) -
     """Embeddings of the pretrained model, no fine-tuning: scib scores and kNN reference mapping."""
     d = p.data
     ref_i, qry_i, how = _split(p, opts)
-    embs = {MODEL: model.embed_cells(d, seed=opts.seed)}
+    style = cell_emb(opts, "zero-shot")
+    embs = {MODEL: model.embed_cells(d, seed=opts.seed, style=style)}
     if opts.random_init:
-        embs[RANDOM] = model.random_init(opts.seed).embed_cells(d, seed=opts.seed)
+        embs[RANDOM] = model.random_init(opts.seed).embed_cells(d, seed=opts.seed, style=style)
     embs.update(_embedding_baselines(d, opts))
     rows, arts = {}, []
     for label, emb in embs.items():

@@ -19,6 +19,7 @@ Activation = Literal["relu", "gelu"]
 AttentionBackend = Literal["auto", "sdpa", "flash"]
 GepLoss = Literal["mse", "ce"]
 EcsStyle = Literal["paper", "reference"]
+CellEmbStyle = Literal["cls", "avg-pool"]
 
 
 @dataclass(kw_only=True, slots=True)
@@ -75,6 +76,8 @@ class ModelConfig:
     use_batch_labels: bool = False  # concat batch embedding to the heads' input (§4.2.3 eqs. 8-9)
     n_modalities: int = 0  # modality tokens (gene/peak/protein) concatenated before the heads (eq. 8)
     n_cell_types: int = 0  # CLS head size; 0 = no classifier
+    cell_emb_style: CellEmbStyle = "cls"  # the cell embedding: the final <cls> state (released args.json), or
+    # "avg-pool": the mean final state of the cell's gene tokens (the reference's other style)
     n_cls_layers: int = 3  # classifier / discriminator depth, released "n_layers_cls"
     dsbn: bool = False  # domain-specific batch norm on the input embeddings (needs batch labels)
     dsbn_affine: bool = False  # reference uses affine only with "do_affine"
@@ -96,7 +99,8 @@ class ModelConfig:
         if self.objectives.cls and self.n_cell_types < 2:
             raise ValueError("the CLS objective needs n_cell_types >= 2; set n_cell_types")
         for name, allowed in (("value_encoding", ValueEncoding), ("norm_scheme", NormScheme),
-                              ("activation", Activation), ("attention_backend", AttentionBackend)):
+                              ("activation", Activation), ("attention_backend", AttentionBackend),
+                              ("cell_emb_style", CellEmbStyle)):
             if getattr(self, name) not in allowed.__args__:
                 raise ValueError(f"{name} must be one of {allowed.__args__}, got {getattr(self, name)!r}")
 

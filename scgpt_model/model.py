@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from scgpt_model import attention
 from scgpt_model.batching import ModelBatch, resolve_backend
-from scgpt_model.config import ModelConfig
+from scgpt_model.config import CellEmbStyle, ModelConfig
 from scgpt_model.heads import ExpressionHead, GepcHead, MLPClassifier
 from scgpt_model.layers import (CategoryValueEncoder, ContinuousValueEncoder, DomainSpecificBatchNorm, GeneEncoder,
                                 LabelEncoder, TransformerLayer)
@@ -24,7 +24,7 @@ logger = logging.getLogger(__name__)
 class ModelOutput:
     """Everything one forward produces. Token tensors are flat (N,) over ``batch.genes`` flattened."""
 
-    cell_emb: Tensor  # (B, D) final state of <cls>
+    cell_emb: Tensor  # (B, D) final state of <cls> (or the mean gene state: cell_emb_style "avg-pool")
     hidden: Tensor  # (N, D) final token states
     expr_pred: Tensor  # (N,) predicted value (MSE head) or argmax bin (CE head)
     expr_logits: Tensor | None = None  # (N, n_bins), CE head only
@@ -183,6 +183,8 @@ class ScGPT(nn.Module):
         if self.final_norm is not None:
             x = self.final_norm(x)
         h = x.reshape(-1, x.shape[-1])
+        if self.cfg.cell_emb_style == "avg-pool":
+            return h, _mean_gene_state(h, batch), g
         return h, h.index_select(0, batch.cls_index()), g
 
     # ------------------------------------------------------------------------------------------
@@ -255,12 +257,27 @@ class ScGPT(nn.Module):
 
     # ------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def embed_cells(self, batch: ModelBatch) -> Tensor:
-        """Cell embeddings (B, D): eval mode, no grad, every real gene known with its value."""
+    def embed_cells(self, batch: ModelBatch, style: CellEmbStyle | None = None) -> Tensor:
+        """Cell embeddings (B, D): eval mode, no grad, every real gene known with its value.
+        ``style`` ("cls" / "avg-pool") overrides the model's ``cell_emb_style``."""
         was_training = self.training
         self.eval()
+        known = batch.as_fully_known()
         try:
-            _, cell_emb, _ = self.encode(batch.as_fully_known())
+            h, cell_emb, _ = self.encode(known)
         finally:
             self.train(was_training)
-        return cell_emb
+        if style is None or style == self.cfg.cell_emb_style:
+            return cell_emb
+        return _mean_gene_state(h, known) if style == "avg-pool" else h.index_select(0, known.cls_index())
+
+
+def _mean_gene_state(h: Tensor, batch: ModelBatch) -> Tensor:
+    """(B, D) mean final state over each cell's real gene tokens (<cls> and <pad> left out)."""
+    keep = batch.token_mask.reshape(-1).clone()
+    keep[batch.cls_index()] = False
+    w = keep.to(h.dtype)
+    cell = batch.token_cell()
+    total = torch.zeros(batch.n_cells, h.shape[-1], dtype=h.dtype, device=h.device).index_add_(0, cell, h * w[:, None])
+    count = torch.zeros(batch.n_cells, dtype=h.dtype, device=h.device).index_add_(0, cell, w)
+    return total / count.clamp_min(1.0)[:, None]

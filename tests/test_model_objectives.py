@@ -190,3 +190,27 @@ def test_overfit_tiny_real_batch(pbmc_cells):
     finally:
         torch.set_num_threads(threads)
     assert final * 10 <= first, (first, final)
+
+
+def test_avg_pool_cell_embedding_is_the_mean_real_gene_state():
+    """cell_emb_style "avg-pool": the mean final state of each cell's genes, <cls> and padding left out;
+    it feeds the CLS head, and embed_cells(style=...) switches between the two on one model."""
+    torch.manual_seed(0)
+    cfg = get_preset("debug", vocab_size=64).replace(cell_emb_style="avg-pool", n_cell_types=3,
+                                                     objectives=dict(gep=False, gepc=False, cls=True), dropout=0.0)
+    model = ScGPT(cfg).eval()
+    genes = [np.array([5, 6, 7]), np.array([8, 9, 10, 11, 12, 13])]  # lengths differ: the first cell is padded
+    vals = [np.array([1.0, 2.0, 3.0]), np.array([1.0, 2.0, 3.0, 4.0, 5.0, 6.0])]
+    batch = collate_all_genes(genes, vals, seed=0, mask_ratio=0.0, backend="sdpa",
+                              celltype_labels=np.array([0, 2]))
+    h, cell, _ = model.encode(batch)
+    states = h.view(2, batch.genes.shape[1], -1)
+    assert torch.allclose(cell[0], states[0, 1:4].mean(0), atol=1e-6)
+    assert torch.allclose(cell[1], states[1, 1:7].mean(0), atol=1e-6)
+    assert not torch.allclose(cell, states[:, 0])
+    out = model(batch)
+    assert torch.allclose(out.cls_logits, model.cls_head(cell)) and torch.isfinite(out.loss.total)
+    assert torch.allclose(model.embed_cells(batch, style="cls"), states[:, 0], atol=1e-6)
+    assert torch.allclose(model.embed_cells(batch), cell, atol=1e-6)
+    with pytest.raises(ValueError, match="cell_emb_style"):
+        cfg.replace(cell_emb_style="max")
