@@ -27,7 +27,9 @@ import numpy as np
 import torch
 
 from eval.data import PreparedData
+from eval.errors import EvalError
 from scgpt_model.batching import collate_all_genes
+from scgpt_model.checkpoint import CheckpointError, load_compatible
 from scgpt_model.config import CellEmbStyle, ModelConfig
 from scgpt_model.model import ScGPT
 
@@ -102,12 +104,14 @@ def build_task_model(pretrained: ScGPT | None, cfg: ModelConfig, seed: int) -> S
     torch.manual_seed(seed if pretrained is not None else seed + RANDOM_INIT_SEED_OFFSET)
     model = ScGPT(cfg)
     if pretrained is not None:
-        own = model.state_dict()
-        src = {k: v for k, v in pretrained.state_dict().items() if k in own and own[k].shape == v.shape}
-        model.load_state_dict(src, strict=False)
-        fresh = sorted(set(own) - set(src))
-        log.info("fine-tune model: %d tensors from the pretrained model, %d new (%s%s)", len(src), len(fresh),
-                 ", ".join(fresh[:4]), "..." if len(fresh) > 4 else "")
+        try:  # the checkpoint's one rule: new heads start fresh, a trunk tensor whose shape changed is an error
+            fresh = load_compatible(model, pretrained.state_dict(), strict=False)
+        except CheckpointError as e:
+            raise EvalError(f"the fine-tuning model does not fit the pretrained weights: {e}. Fine-tune with the "
+                            "pretrained architecture (drop the override that resizes its trunk)") from None
+        log.info("fine-tune model: %d tensors from the pretrained model, %d new (%s%s)",
+                 len(model.state_dict()) - len(fresh), len(fresh), ", ".join(fresh[:4]),
+                 "..." if len(fresh) > 4 else "")
     return model
 
 

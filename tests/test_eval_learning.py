@@ -53,3 +53,24 @@ def test_cls_fine_tune_learns_on_real_cells():
     assert len(set(pred)) >= 3, f"predicts only {sorted(set(pred))}"
     assert s["accuracy"] > majority + 0.15, (s, majority, res.history)
     assert res.history[-1]["train_loss"] < res.history[0]["train_loss"] * 0.75, res.history
+
+
+def test_fine_tune_model_takes_the_trunk_or_refuses():
+    """build_task_model loads through the checkpoint's rule: every trunk tensor copied, new heads fresh;
+    a trunk whose shape changed is an error, not a silent re-initialisation."""
+    import pytest
+    import torch
+
+    from eval.errors import EvalError
+    from eval.finetune import build_task_model, task_config
+
+    cfg = get_preset("debug", 64)
+    torch.manual_seed(0)
+    pretrained = ScGPT(cfg)
+    model = build_task_model(pretrained, task_config(cfg, "annotation", n_classes=3), 0)
+    own, src = model.state_dict(), pretrained.state_dict()
+    shared = [k for k in own if k in src]
+    assert shared and all(torch.equal(own[k], src[k]) for k in shared)
+    assert any(k.startswith("cls_head") for k in own if k not in src)  # the new head
+    with pytest.raises(EvalError, match="does not fit the pretrained weights"):
+        build_task_model(pretrained, task_config(cfg.replace(d_ffn=cfg.d_ffn * 2), "annotation", n_classes=3), 0)
