@@ -31,7 +31,7 @@ def _mark_failed(e: BaseException, *, interrupted: bool) -> None:
     mlflow.end_run(status="KILLED" if interrupted else "FAILED")
 
 
-def _run_logged(p: tasks.Plan, model: ScGPTModel, opts: tasks.EvalOptions, tracking_uri: str,
+def _run_logged(p: tasks.TaskInputs, model: ScGPTModel, opts: tasks.EvalOptions, tracking_uri: str,
                 out: Path | None, nested: bool, seen: list[str]) -> TaskResult:
     with tempfile.TemporaryDirectory(prefix="scgpt-eval-") as tmp:
         outdir = (out if out is not None else Path(tmp)) / f"{p.task}_{p.dataset}"

@@ -74,7 +74,7 @@ def cell_emb(opts: EvalOptions, task: str) -> str:
 
 
 @dataclass
-class Plan:
+class TaskInputs:
     task: str
     dataset: str
     data: PreparedData
@@ -93,7 +93,7 @@ def _keys(adata, meta, opts: EvalOptions, name: str, *, need_label: bool, need_b
     return label, batch
 
 
-def plan(task: str, model: ScGPTModel, dataset: str, opts: EvalOptions) -> Plan:
+def plan(task: str, model: ScGPTModel, dataset: str, opts: EvalOptions) -> TaskInputs:
     """Load and check everything for one task; raises ``EvalError`` on bad input."""
     if task not in TASKS:
         raise EvalError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
@@ -101,12 +101,12 @@ def plan(task: str, model: ScGPTModel, dataset: str, opts: EvalOptions) -> Plan:
         from eval.multiomic import plan_multiomic
 
         data = plan_multiomic(model, dataset, opts)
-        return Plan(task, data.name, data)
+        return TaskInputs(task, data.name, data)
     if task == "perturbation":  # CRISPR screens: their own loader and checks (eval/perturbation_data.py)
         from eval.perturbation import plan_perturbation
 
         data = plan_perturbation(model, dataset, opts)
-        return Plan(task, data.name, data)
+        return TaskInputs(task, data.name, data)
     name, adata, meta = load_dataset(dataset)
     need_batch = task == "integration"
     label, batch = _keys(adata, meta, opts, name, need_label=True, need_batch=need_batch)
@@ -121,7 +121,7 @@ def plan(task: str, model: ScGPTModel, dataset: str, opts: EvalOptions) -> Plan:
             keep = set(data.token_ids.tolist()) | {int(t) for t, s in zip(full.token_ids, full.symbols)
                                                    if s in set(extra)}
             data = full.take_genes(np.flatnonzero(np.isin(full.token_ids, list(keep))))
-        return Plan(task, name, data, params={"n_hvg_target": n_hvg})
+        return TaskInputs(task, name, data, params={"n_hvg_target": n_hvg})
     if task == "integration":
         found = sorted(adata.obs[batch].dropna().astype(str).unique()) if batch in adata.obs else []
         if batch in adata.obs and len(found) < 2:
@@ -142,11 +142,11 @@ def plan(task: str, model: ScGPTModel, dataset: str, opts: EvalOptions) -> Plan:
         if missing:
             raise EvalError(f"query batches {missing} are not in {name}.obs[{batch!r}]; batches: "
                             f"{sorted(set(data.batches))}")
-    return Plan(task, name, data, query_batches=qb if batch is not None else (),
+    return TaskInputs(task, name, data, query_batches=qb if batch is not None else (),
                 params={"n_hvg_target": opts.n_hvg or DEFAULT_HVG.get(task, 0)})
 
 
-def _split(p: Plan, opts: EvalOptions) -> tuple[np.ndarray, np.ndarray, str]:
+def _split(p: TaskInputs, opts: EvalOptions) -> tuple[np.ndarray, np.ndarray, str]:
     if p.query_batches:
         ref, qry = batch_split(p.data.batches, p.query_batches)
         return ref, qry, f"query = batches {list(p.query_batches)}"
@@ -154,14 +154,14 @@ def _split(p: Plan, opts: EvalOptions) -> tuple[np.ndarray, np.ndarray, str]:
     return ref, qry, f"stratified {int(100 * opts.query_fraction)}% query"
 
 
-def _base_params(p: Plan, opts: EvalOptions, model: ScGPTModel) -> dict:
+def _base_params(p: TaskInputs, opts: EvalOptions, model: ScGPTModel) -> dict:
     return {"task": p.task, "dataset": p.dataset, "n_cells": p.data.n_cells, "gene_match": p.data.match.report(),
             "genes_matched": p.data.match.n_matched, "seed": opts.seed, "max_cells": opts.max_cells,
             "model_d_model": model.config.d_model, "model_n_layers": model.config.n_layers,
             **({"cell_emb": cell_emb(opts, p.task)} if p.task in DEFAULT_CELL_EMB else {}), **p.params}
 
 
-def run_annotation(p: Plan, model: ScGPTModel, opts: EvalOptions, outdir: Path) -> TaskResult:
+def run_annotation(p: TaskInputs, model: ScGPTModel, opts: EvalOptions, outdir: Path) -> TaskResult:
     """CLS fine-tuning on the reference, scored on the held-out query (§2.3, §4.5)."""
     ref_i, qry_i, how = _split(p, opts)
     if opts.label_fraction < 1.0:  # a label-scarce reference: a stratified share keeps every type
@@ -217,7 +217,7 @@ def _embedding_baselines(data: PreparedData, opts: EvalOptions) -> dict[str, np.
     return out
 
 
-def run_integration(p: Plan, model: ScGPTModel, opts: EvalOptions, outdir: Path) -> TaskResult:
+def run_integration(p: TaskInputs, model: ScGPTModel, opts: EvalOptions, outdir: Path) -> TaskResult:
     """GEP+GEPC+ECS+DAR+DSBN fine-tuning on all cells, scib scores of the embedding (§2.2)."""
     d = p.data
     ft = FineTuneConfig(task="integration", epochs=opts.epochs, batch_size=opts.batch_size, seed=opts.seed,
@@ -244,7 +244,7 @@ def run_integration(p: Plan, model: ScGPTModel, opts: EvalOptions, outdir: Path)
     return TaskResult("integration", p.dataset, pd.DataFrame(rows).T, params, arts)
 
 
-def run_zero_shot(p: Plan, model: ScGPTModel, opts: EvalOptions, outdir: Path) -> TaskResult:
+def run_zero_shot(p: TaskInputs, model: ScGPTModel, opts: EvalOptions, outdir: Path) -> TaskResult:
     """Embeddings of the pretrained model, no fine-tuning: scib scores and kNN reference mapping."""
     d = p.data
     ref_i, qry_i, how = _split(p, opts)
@@ -266,7 +266,7 @@ def run_zero_shot(p: Plan, model: ScGPTModel, opts: EvalOptions, outdir: Path) -
     return TaskResult("zero-shot", p.dataset, pd.DataFrame(rows).T, params, arts)
 
 
-def run_gene_network(p: Plan, model: ScGPTModel, opts: EvalOptions, outdir: Path) -> TaskResult:
+def run_gene_network(p: TaskInputs, model: ScGPTModel, opts: EvalOptions, outdir: Path) -> TaskResult:
     """Gene-embedding networks vs Reactome (§2.6, §4.7), beside a co-expression network."""
     d = p.data
     pw = genenet.load_gmt()
@@ -307,19 +307,19 @@ RUNNERS = {"annotation": run_annotation, "integration": run_integration, "zero-s
            "perturbation": lambda *a: _run_perturbation(*a)}
 
 
-def _run_perturbation(p: Plan, model: ScGPTModel, opts: EvalOptions, outdir: Path) -> TaskResult:
+def _run_perturbation(p: TaskInputs, model: ScGPTModel, opts: EvalOptions, outdir: Path) -> TaskResult:
     from eval.perturbation import run_perturbation
 
     return run_perturbation(p, model, opts, outdir)
 
 
-def _run_multiomic(p: Plan, model: ScGPTModel, opts: EvalOptions, outdir: Path) -> TaskResult:
+def _run_multiomic(p: TaskInputs, model: ScGPTModel, opts: EvalOptions, outdir: Path) -> TaskResult:
     from eval.multiomic import run_multiomic
 
     return run_multiomic(p, model, opts, outdir)
 
 
-def run(p: Plan, model: ScGPTModel, opts: EvalOptions, outdir: Path) -> TaskResult:
+def run(p: TaskInputs, model: ScGPTModel, opts: EvalOptions, outdir: Path) -> TaskResult:
     t0 = time.perf_counter()
     outdir.mkdir(parents=True, exist_ok=True)
     log.info("evaluating %s on %s (%d cells x %d genes)", p.task, p.dataset, p.data.n_cells, p.data.n_genes)

@@ -54,7 +54,7 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
-class Plan:
+class IngestPlan:
     source: dict
     value_filter: str
     joinids: np.ndarray          # (n,) sorted soma_joinids to ingest
@@ -94,7 +94,7 @@ def sample_joinids(joinids: np.ndarray, max_cells: int, seed: int) -> np.ndarray
     return np.sort(joinids[np.argsort(score, kind="stable")[:max_cells]])
 
 
-def plan(cfg: IngestConfig) -> Plan:
+def plan(cfg: IngestConfig) -> IngestPlan:
     cfg.check()
     vocab = _load_vocab(cfg)
     gene_key = vocab.key if vocab else (cfg.gene_key or "feature_id")
@@ -135,7 +135,7 @@ def plan(cfg: IngestConfig) -> Plan:
         "n_cells_planned": int(joinids.size),
         "joinids_sha256": hashlib.sha256(joinids.tobytes()).hexdigest(),
     }
-    return Plan(source, value_filter, joinids, n_matched, vocab, var_to_vocab,
+    return IngestPlan(source, value_filter, joinids, n_matched, vocab, var_to_vocab,
                 bool(np.unique(mapped).size != mapped.size), len(dropped), dropped[:10], args, datasets)
 
 
@@ -199,7 +199,7 @@ class OutputDir:
 DEBUG_KEYS = ("stages", "pid", "rss_mb", "t_start")
 
 
-def _manifest(p: Plan, cfg: IngestConfig, shards: dict[int, ShardEntry], complete: bool) -> Manifest:
+def _manifest(p: IngestPlan, cfg: IngestConfig, shards: dict[int, ShardEntry], complete: bool) -> Manifest:
     entries = [shards[i] for i in sorted(shards)]
     return Manifest(
         project_version=project_version(), source=p.source, organism=cfg.organism, obs_filter=p.value_filter,
@@ -288,7 +288,7 @@ def run_ingest(cfg: IngestConfig) -> Manifest:
     return manifest
 
 
-def _run_chunks(cfg: IngestConfig, p: Plan, out: Path, chunks: list[np.ndarray], todo: list[int],
+def _run_chunks(cfg: IngestConfig, p: IngestPlan, out: Path, chunks: list[np.ndarray], todo: list[int],
                 shards: dict[int, dict], n_skip: int) -> None:
     import ray
     from ray.exceptions import RayTaskError

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from training.config import TrainConfig, load_config, validate
+from training.config import TrainConfig, check_config, load_config
 from training.errors import TrainUsageError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,7 +24,7 @@ def _load(tmp_path: Path, text: str) -> TrainConfig:
 
 def _refused(tmp_path: Path, text: str, *needles: str) -> str:
     with pytest.raises(TrainUsageError) as e:
-        validate(_load(tmp_path, text))
+        check_config(_load(tmp_path, text))
     for n in needles:
         assert n in str(e.value), str(e.value)
     return str(e.value)
@@ -35,7 +35,7 @@ def test_yaml_written_the_usual_way_is_coerced(tmp_path):
     cfg = _load(tmp_path, "optim: {lr: 1e-4, eps: 1e-8, betas: [0.9, '0.95'], warmup_steps: '10'}\n"
                           "data: {unknown_ratios: [0.5], max_train_cells: null}\n"
                           "model: {overrides: {dropout: '0.1', n_layers: 2, objectives: {ecs: true, ecs_beta: '0.5'}}}\n")
-    validate(cfg)
+    check_config(cfg)
     assert cfg.optim.lr == 1e-4 and isinstance(cfg.optim.lr, float) and cfg.optim.eps == 1e-8
     assert cfg.optim.betas == (0.9, 0.95) and cfg.optim.warmup_steps == 10
     assert cfg.data.unknown_ratios == (0.5,) and cfg.data.max_train_cells is None

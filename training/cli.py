@@ -49,7 +49,7 @@ OVERRIDES: list[tuple[str, str, type, str]] = [
     ("--experiment", "tracking.experiment", str, "MLflow experiment name"),
     ("--step-sleep", "schedule.step_sleep_s", float, argparse.SUPPRESS),  # testing aid (kill timing)
 ]
-# options with a closed set of values, shown as {a,b,c}; training.config.validate checks them (for YAML too)
+# options with a closed set of values, shown as {a,b,c}; training.config.check_config checks them (for YAML too)
 CHOICES: dict[str, tuple] = {"deepspeed.zero_stage": ZERO_STAGES, "deepspeed.precision": typing.get_args(Precision),
                              "deepspeed.optimizer": typing.get_args(Optimizer)}
 

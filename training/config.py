@@ -325,7 +325,7 @@ def load_config(spec: str) -> TrainConfig:
     return cfg
 
 
-def validate(cfg: TrainConfig) -> None:
+def check_config(cfg: TrainConfig) -> None:
     """Range checks that do not need the data or the cluster."""
     problems = []
     if cfg.deepspeed.zero_stage not in (1, 2, 3):

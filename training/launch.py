@@ -20,7 +20,7 @@ from localray.signals import Interrupted
 from shardset import MANIFEST_FILE, VOCAB_FILE, Manifest, ManifestError
 from training import data as train_data
 from training import tracking
-from training.config import TrainConfig, validate
+from training.config import TrainConfig, check_config
 from training.errors import TrainUsageError
 from training.worker import DS_TAG, STATE_FILE, train_loop_per_worker
 
@@ -188,7 +188,7 @@ class _Schedule:
 
 
 def _check_inputs(cfg: TrainConfig, verify_shards: bool) -> _Inputs:
-    validate(cfg)
+    check_config(cfg)
     manifest, vocab = check_shards(cfg.data.shards, verify=verify_shards)
     mcfg = model_config(cfg, len(vocab))
     uri = tracking.resolve_tracking_uri(cfg.tracking.tracking_uri)
