@@ -41,11 +41,14 @@ log = logging.getLogger(__name__)
 
 DEFAULT_HVG = 1200  # Methods: the same 1,200 HVGs for every method
 MODEL, RANDOM = "scGPT", "scGPT random init"
+DEFAULT_CELL_EMB = "cls"  # --cell-emb: on the untrained scratch trunk <cls> and the mean-pool score alike (BENCHMARKS.md)
 
 
 @dataclass(kw_only=True, slots=True)
 class MultiomicConfig:
     epochs: int = 60  # Methods: "fixed 60 epochs", best validation epoch reported
+    min_steps: int = 0  # a floor on optimizer steps (epochs raised to reach it), as eval.finetune: 340 cells
+    #                     at batch 32 are 11 steps an epoch, far fewer than the paper's tens of thousands of cells
     lr: float = 1e-3  # Methods
     lr_decay: float = 0.95  # Methods: "decay of 0.95 after each epoch"
     batch_size: int = 32
@@ -157,12 +160,18 @@ def fine_tune(m: MultiomicModel, t: Tokens, cfg: MultiomicConfig, name: str = ""
     perm = rng.permutation(n)
     n_val = max(1, int(round(cfg.val_fraction * n)))
     val_idx, tr_idx = np.sort(perm[:n_val]), np.sort(perm[n_val:])
+    full, rest = divmod(tr_idx.size, cfg.batch_size)
+    steps_per_epoch = max(full + (rest >= 2), 1)  # a last batch of one cell is skipped (DAR)
+    epochs = max(cfg.epochs, -(-cfg.min_steps // steps_per_epoch))
+    if epochs > cfg.epochs:
+        log.info("multiomic fine-tune %s: %d epochs x %d steps < --min-steps %d: running %d epochs", name,
+                 cfg.epochs, steps_per_epoch, cfg.min_steps, epochs)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=cfg.lr_decay)
     best, best_state, history = np.inf, None, []
     t_start = time.perf_counter()
     model.train()
-    for epoch in range(1, cfg.epochs + 1):
+    for epoch in range(1, epochs + 1):
         t0 = time.perf_counter()
         tot, seen = 0.0, 0
         order = tr_idx[rng.permutation(tr_idx.size)]
@@ -177,9 +186,9 @@ def fine_tune(m: MultiomicModel, t: Tokens, cfg: MultiomicConfig, name: str = ""
         val = _val(model, t, val_idx, cfg)
         sec = time.perf_counter() - t0
         history.append({"epoch": epoch, "train_loss": tot / max(seen, 1), "val_gep": val, "seconds": sec})
-        eta = (time.perf_counter() - t_start) / epoch * (cfg.epochs - epoch)
+        eta = (time.perf_counter() - t_start) / epoch * (epochs - epoch)
         log.info("multiomic fine-tune %s epoch %d/%d: train %.4f val GEP %.4f (%.1fs, ETA %.0fs)", name, epoch,
-                 cfg.epochs, tot / max(seen, 1), val, sec, eta)
+                 epochs, tot / max(seen, 1), val, sec, eta)
         if val < best:
             best, m.best_epoch = val, epoch
             best_state = copy.deepcopy(model.state_dict())
@@ -191,14 +200,15 @@ def fine_tune(m: MultiomicModel, t: Tokens, cfg: MultiomicConfig, name: str = ""
 
 
 @torch.no_grad()
-def embed(model: ScGPT, t: Tokens, batch_size: int = 64, device: str = "cpu") -> np.ndarray:
-    """(n_cells, d_model) joint cell embeddings (final <cls> state, every measured feature known)."""
+def embed(model: ScGPT, t: Tokens, batch_size: int = 64, device: str = "cpu", style: str = "cls") -> np.ndarray:
+    """(n_cells, d_model) joint cell embeddings, every measured feature known: the final <cls> state
+    (default; GEPC and DAR train it) or ``style="avg-pool"``, the mean final state of the cell's features."""
     model.eval()
     out = []
     for s in range(0, len(t.genes), batch_size):
         idx = np.arange(s, min(s + batch_size, len(t.genes)))
-        out.append(model.embed_cells(_collate(t, idx, mask_ratio=0.0, seed=0, with_batches=False).to(device))
-                   .float().cpu().numpy())
+        out.append(model.embed_cells(_collate(t, idx, mask_ratio=0.0, seed=0, with_batches=False).to(device),
+                                     style=style).float().cpu().numpy())
     return np.concatenate(out)
 
 
@@ -334,7 +344,8 @@ def model_table(model) -> ModalityTable | None:
 def run_multiomic(p, model, opts, outdir: Path) -> TaskResult:
     data: MultiomicData = p.data
     cfg = MultiomicConfig(epochs=opts.epochs, batch_size=opts.batch_size, seed=opts.seed, device=opts.device,
-                          trunk=getattr(opts, "trunk", "scratch"))
+                          trunk=getattr(opts, "trunk", "scratch"), min_steps=getattr(opts, "min_steps", 0) or 0)
+    style = getattr(opts, "cell_emb", None) or DEFAULT_CELL_EMB
     table = model_table(model)
     m = build_model(model.model, model.vocab, table, data, cfg)
     variants = [(MODEL, m)] + ([(RANDOM, random_twin(m, opts.seed))] if opts.random_init else [])
@@ -342,7 +353,7 @@ def run_multiomic(p, model, opts, outdir: Path) -> TaskResult:
     rows, embs, best = {}, {}, {}
     for label, mm in variants:
         mm = fine_tune(mm, t, cfg, name=f"{data.name}/{label}")
-        embs[label] = embed(mm.model, t, device=opts.device)
+        embs[label] = embed(mm.model, t, device=opts.device, style=style)
         rows[label] = metrics.integration_scores(embs[label], data.labels, data.batches, seed=opts.seed,
                                                  resolutions=opts.resolutions)
         best[label] = mm.best_epoch
@@ -369,7 +380,7 @@ def run_multiomic(p, model, opts, outdir: Path) -> TaskResult:
     params = {"task": "multiomic", "dataset": data.name, "n_cells": data.n_cells, "seed": opts.seed,
               "max_cells": opts.max_cells, "gene_match": data.match.report(), "genes_matched": data.match.n_matched,
               "modalities": ",".join(m.table.names), "trunk": cfg.trunk, "trunk_layers": cfg_m.n_layers,
-              "epochs": cfg.epochs, "lr": cfg.lr, "lr_decay": cfg.lr_decay, "label_key": data.label_key,
+              "cell_emb": style, "epochs": cfg.epochs, "min_steps": cfg.min_steps, "epochs_run": len(m.history), "lr": cfg.lr, "lr_decay": cfg.lr_decay, "label_key": data.label_key,
               "batch_key": data.batch_key, "n_batches": 0 if data.batches is None else len(set(data.batches)),
               "dar": bool(cfg_m.objectives.dar), "vocab_size_extended": len(m.vocab),
               "vocab_size_pretrained": len(model.vocab), "best_epoch": best.get(MODEL),

@@ -237,6 +237,8 @@ def test_end_to_end_on_the_shipped_pair_logged_and_reproducible(e2e):
     assert run.data.metrics["scGPT/AvgBIO"] == pytest.approx(float(tables[1].loc["scGPT", "AvgBIO"]))
     assert run.data.params["trunk"] == "scratch" and "gating" in run.data.params["labels"]
     assert run.data.params["mosaic"] == "True" and run.data.params["modalities"] == "rna,prot"
+    assert run.data.params["cell_emb"] == "cls" and run.data.params["epochs_run"] == "1"
+    assert run.data.params["label_counts"].startswith("CD4 T ")  # the gated labels of the task's cells
 
 
 # ------------------------------------------------------------------------------------------------
@@ -327,7 +329,8 @@ def test_atac_mosaic_prepares_and_fine_tunes_with_absent_peak_tokens(debug_model
     data = prepare_multiomic(mi, debug_model[1], label_key="celltype", batch_key="batch", n_hvg=40)
     assert data.params["mosaic"] and data.mods["atac"].n_features == n_peaks
     model, vocab = debug_model
-    cfg = MultiomicConfig(epochs=2, batch_size=16, trunk="scratch")
+    cfg = MultiomicConfig(epochs=1, min_steps=4, batch_size=16, trunk="scratch")  # 43 training cells: 3 steps
+    #                                                                                   an epoch -> 2 epochs
     m = build_model(model, vocab, None, data, cfg)
     assert m.table.names == ("rna", "atac") and m.model.cfg.objectives.dar  # two batches: DAR on
     key = "atac:" + peaks.var_names[0]
