@@ -90,9 +90,9 @@ def _parser(suite: bool) -> argparse.ArgumentParser:
     ap.add_argument("--min-steps", type=int, default=0,
                     help="fine-tuning: at least this many optimizer steps (more epochs for a small reference)")
     ap.add_argument("--cell-emb", choices=("cls", "avg-pool"),
-                    help="the cell embedding of annotation, integration and zero-shot: the final <cls> state or "
-                         "avg-pool, the mean final gene state (default: avg-pool for annotation and zero-shot, "
-                         "cls for integration; BENCHMARKS.md, issue 10)")
+                    help="the cell embedding scored: the final <cls> state or avg-pool, the mean final gene "
+                         "state (default: avg-pool for annotation and zero-shot, cls for integration and "
+                         "multiomic, where GEPC and DAR train <cls>; BENCHMARKS.md, issue 10)")
     ap.add_argument("--n-hvg", type=int, help="HVGs (default: paper's 3000 annotation, 1200 integration)")
     ap.add_argument("--max-cells", type=int, default=0, help="subsample cells (seeded), an integer >= 0; 0 = all")
     ap.add_argument("--seed", type=int, default=0, help="seed of splits, subsampling, fine-tuning and the random-init "

@@ -408,7 +408,10 @@ def register_multiomic(model_dir: str | Path, *, model_name: str, tracking_uri: 
     mlflow.set_tracking_uri(tracking_uri)
     mlflow.set_registry_uri(tracking_uri)
     pkg_root = Path(__file__).resolve().parents[1]
-    mlflow.set_experiment("scgpt-multiomic")
+    from training.tracking import ensure_experiment
+
+    # the project's one rule: artifacts beside a sqlite database (<db folder>/mlartifacts), never ./mlruns
+    mlflow.set_experiment(experiment_id=ensure_experiment(tracking_uri, "scgpt-multiomic"))
     import shutil
     import tempfile
 
