@@ -406,6 +406,9 @@ def prepare_multiomic(inp: MultiomicInput, vocab, *, label_key: str, batch_key: 
         rows = np.sort(np.random.default_rng(seed).choice(rows, size=max_cells, replace=False))
     if rows.size < 10:
         raise EvalError(f"dataset {inp.name}: only {rows.size} labelled cells; the scores need at least 10")
+    from eval.data import check_labels
+
+    check_labels(obs.iloc[rows], label_key, inp.name)  # the annotation tasks' rule: no continuous or single-type key
     obs = obs.iloc[rows]
     batches = None if batch_key is None else obs[batch_key].astype(str).to_numpy()
     mods: dict[str, Modality] = {}

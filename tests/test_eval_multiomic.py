@@ -5,6 +5,7 @@ end to end through `evaluate`, and every bad input (exit 2, one message)."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 
 import numpy as np
@@ -353,3 +354,20 @@ def test_atac_mosaic_prepares_and_fine_tunes_with_absent_peak_tokens(debug_model
     assert len(m.history) == 2 and all(np.isfinite(h["train_loss"]) and np.isfinite(h["val_gep"]) for h in m.history)
     after = m.model.gene_encoder.embedding.weight
     assert not torch.equal(after[ids], before)  # the peak tokens were trained
+
+
+def test_continuous_or_single_type_label_key_is_refused(debug_model, shipped):
+    """The annotation tasks' label rule also holds here: a numeric column with many values, or one cell
+    type only, is refused with a message naming the key, before any model is built."""
+    from eval.errors import EvalError
+    from eval.multiomic_data import SHIPPED_BATCH, prepare_multiomic
+
+    inp, _ = shipped
+    obs = inp.obs.copy()
+    obs["depth"] = np.random.default_rng(0).normal(size=len(obs))
+    obs["one_type"] = "T"
+    bad = dataclasses.replace(inp, obs=obs)
+    with pytest.raises(EvalError, match="'depth'.*looks continuous"):
+        prepare_multiomic(bad, debug_model[1], label_key="depth", batch_key=SHIPPED_BATCH, n_hvg=60)
+    with pytest.raises(EvalError, match="single cell type"):
+        prepare_multiomic(bad, debug_model[1], label_key="one_type", batch_key=SHIPPED_BATCH, n_hvg=60)
