@@ -19,4 +19,5 @@ pytest_plugins = [
     "tests.fixtures.model",
     "tests.fixtures.training",
     "tests.fixtures.eval",
+    "tests.fixtures.localray",
 ]

@@ -11,16 +11,6 @@ import localray
 from localray import LOOPBACK, LocalRayError, is_loopback, start_local
 
 
-@pytest.fixture
-def ray_down():
-    import ray
-
-    if ray.is_initialized():
-        ray.shutdown()
-    yield ray
-    ray.shutdown()
-
-
 def test_local_ray_is_bound_to_loopback_and_workers_get_their_env(ray_down, monkeypatch):
     ray = ray_down
     monkeypatch.delenv("SCGPT_TEST_WORKER_ENV", raising=False)

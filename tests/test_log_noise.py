@@ -13,19 +13,7 @@ from __future__ import annotations
 import logging
 import logging.config
 
-import pytest
-
 from localray import quiet, start_local
-
-
-@pytest.fixture
-def ray_down():
-    import ray
-
-    if ray.is_initialized():
-        ray.shutdown()
-    yield ray
-    ray.shutdown()
 
 
 def test_local_workers_run_the_quiet_hook(ray_down):
