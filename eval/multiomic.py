@@ -41,7 +41,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_HVG = 1200  # Methods: the same 1,200 HVGs for every method
 MODEL, RANDOM = "scGPT", "scGPT random init"
-DEFAULT_CELL_EMB = "cls"  # --cell-emb: on the untrained scratch trunk <cls> and the mean-pool score alike (BENCHMARKS.md)
 
 
 @dataclass(kw_only=True, slots=True)
@@ -345,7 +344,9 @@ def run_multiomic(p, model, opts, outdir: Path) -> TaskResult:
     data: MultiomicData = p.data
     cfg = MultiomicConfig(epochs=opts.epochs, batch_size=opts.batch_size, seed=opts.seed, device=opts.device,
                           trunk=getattr(opts, "trunk", "scratch"), min_steps=getattr(opts, "min_steps", 0) or 0)
-    style = getattr(opts, "cell_emb", None) or DEFAULT_CELL_EMB
+    from eval.tasks import cell_emb
+
+    style = cell_emb(opts, "multiomic")  # the one table of per-task defaults
     table = model_table(model)
     m = build_model(model.model, model.vocab, table, data, cfg)
     variants = [(MODEL, m)] + ([(RANDOM, random_twin(m, opts.seed))] if opts.random_init else [])

@@ -66,7 +66,8 @@ class EvalOptions:
 
 # The cell embedding each task reads (`--cell-emb` overrides). The CPU-scale pretrained `<cls>` state is
 # dominated by sequencing depth; the mean gene state carries more cell type (BENCHMARKS.md, issue 10).
-DEFAULT_CELL_EMB = {"annotation": "avg-pool", "integration": "cls", "zero-shot": "avg-pool"}  # integration: not measured
+DEFAULT_CELL_EMB = {"annotation": "avg-pool", "integration": "cls", "zero-shot": "avg-pool",  # integration: not measured
+                    "multiomic": "cls"}  # multiomic: GEPC and DAR train <cls>, which scored higher there (BENCHMARKS.md)
 
 
 def cell_emb(opts: EvalOptions, task: str) -> str:
