@@ -111,6 +111,11 @@ def verdicts(df: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
+def _options(args) -> dict:
+    """What a saved seed depends on besides the model (a --resume reuses a seed only when these match)."""
+    return {k: getattr(args, k) for k in ("dataset", "epochs", "n_hvg", "max_cells", "min_steps")}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", required=True, help="models:/<name>/<version> or a model folder")
@@ -123,6 +128,7 @@ def main() -> None:
     ap.add_argument("--max-cells", type=int, default=0)
     ap.add_argument("--min-steps", type=int, default=0, help="fine-tuning step floor (evaluate --min-steps)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/pretrain"))
+    ap.add_argument("--resume", action="store_true", help="reuse the seeds already saved under --out (seed_<n>.json)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     t0 = time.perf_counter()
@@ -131,19 +137,30 @@ def main() -> None:
     if seen:
         sys.exit(f"{args.dataset} is in the model's pretraining data ({', '.join(seen)}): pick a held-out dataset")
     args.gene_means = training_gene_means(args.shards, len(model.vocab))
+    args.out.mkdir(parents=True, exist_ok=True)
     per_seed = []
-    for s in args.seeds:
+    for s in args.seeds:  # each seed is saved as it finishes; a re-run with --resume reuses the saved ones
+        path = args.out / f"seed_{s}.json"
+        if args.resume and path.exists():
+            saved = json.loads(path.read_text())
+            if saved["model"] == args.model and saved["options"] == _options(args):
+                per_seed.append({tuple(k.split("\t")): v for k, v in saved["values"].items()})
+                print(f"seed {s}: reused {path}", flush=True)
+                continue
         t = time.perf_counter()
         per_seed.append(measure(model, args.shards, args.dataset, s, args))
+        path.write_text(json.dumps({"model": args.model, "options": _options(args),
+                                    "wall_s": round(time.perf_counter() - t, 1),
+                                    "values": {"\t".join(k): v for k, v in per_seed[-1].items()}}, indent=1))
         print(f"seed {s}: {time.perf_counter() - t:.0f}s", flush=True)
     df = summarize(per_seed)
     v = verdicts(df)
     wall = time.perf_counter() - t0
-    args.out.mkdir(parents=True, exist_ok=True)
     df.to_csv(args.out / "pretrain_vs_random.csv", index=False)
     meta = {"command": " ".join(sys.argv), "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
             "model": args.model, "model_config": model.config.to_dict(), "dataset": args.dataset,
-            "seeds": args.seeds, "epochs": args.epochs, "n_hvg": args.n_hvg, "wall_s": round(wall, 1)}
+            "seeds": args.seeds, "epochs": args.epochs, "n_hvg": args.n_hvg, "min_steps": args.min_steps,
+            "max_cells": args.max_cells, "wall_s": round(wall, 1)}
     (args.out / "pretrain_vs_random.json").write_text(json.dumps(meta, indent=1))
     md = ["| measure | pretrained | random init | best baseline | pretrained ahead beyond the spread |",
           "|---|---:|---:|---:|:---:|"]
