@@ -147,7 +147,8 @@ def plan(task: str, model: ScGPTModel, dataset: str, opts: EvalOptions) -> TaskI
                 params={"n_hvg_target": opts.n_hvg or DEFAULT_HVG.get(task, 0)})
 
 
-def _split(p: TaskInputs, opts: EvalOptions) -> tuple[np.ndarray, np.ndarray, str]:
+def reference_query_split(p: TaskInputs, opts: EvalOptions) -> tuple[np.ndarray, np.ndarray, str]:
+    """(reference rows, query rows, how): the query batches when there are any, else a stratified share."""
     if p.query_batches:
         ref, qry = batch_split(p.data.batches, p.query_batches)
         return ref, qry, f"query = batches {list(p.query_batches)}"
@@ -164,7 +165,7 @@ def _base_params(p: TaskInputs, opts: EvalOptions, model: ScGPTModel) -> dict:
 
 def run_annotation(p: TaskInputs, model: ScGPTModel, opts: EvalOptions, outdir: Path) -> TaskResult:
     """CLS fine-tuning on the reference, scored on the held-out query (§2.3, §4.5)."""
-    ref_i, qry_i, how = _split(p, opts)
+    ref_i, qry_i, how = reference_query_split(p, opts)
     if opts.label_fraction < 1.0:  # a label-scarce reference: a stratified share keeps every type
         keep, _ = stratified_split(p.data.labels[ref_i], 1.0 - opts.label_fraction, opts.seed + 1)
         ref_i = np.sort(ref_i[keep])
@@ -248,7 +249,7 @@ def run_integration(p: TaskInputs, model: ScGPTModel, opts: EvalOptions, outdir:
 def run_zero_shot(p: TaskInputs, model: ScGPTModel, opts: EvalOptions, outdir: Path) -> TaskResult:
     """Embeddings of the pretrained model, no fine-tuning: scib scores and kNN reference mapping."""
     d = p.data
-    ref_i, qry_i, how = _split(p, opts)
+    ref_i, qry_i, how = reference_query_split(p, opts)
     style = cell_emb(opts, "zero-shot")
     embs = {MODEL: model.embed_cells(d, seed=opts.seed, style=style)}
     if opts.random_init:
