@@ -9,8 +9,9 @@ tables with the wall time to ``benchmarks/results/multiomic.md`` (and ``.json``)
 
 ``--min-steps N`` raises the epochs until each fine-tune makes at least N optimizer steps (377 cells
 at batch 32 are 11 steps an epoch). Each command's log streams to ``$TMPDIR/bench_multiomic.<trunk>.log``
-while it runs (the fine-tune logs its ETA every epoch). The model should be pretrained on data that
-excludes these cells (the demo atlas does).
+while it runs (the fine-tune logs its ETA every epoch). For a held-out score the model should be
+pretrained on data that excludes these cells; the demo atlas's blood pretraining includes their RNA
+(`pbmc-cite-10k`, `pbmc-cite-5k`), so the command marks its tables *not held out*.
 """
 
 from __future__ import annotations

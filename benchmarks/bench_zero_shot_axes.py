@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import numpy as np  # noqa: E402
 
-from eval import metrics, tasks  # noqa: E402
+from eval import tasks  # noqa: E402
 from eval.api import ScGPTModel  # noqa: E402
 
 
@@ -65,13 +65,11 @@ def main() -> None:
             e = m.embed_cells(d, seed=args.seed, style=style)
             for edit, x in (("none", e), ("log expressed genes regressed out", regress_out(e, depth)),
                             ("PC1 removed", drop_first_pc(e))):
-                s = metrics.integration_scores(x, d.labels, d.batches, seed=args.seed, resolutions=opts.resolutions)
-                pred = metrics.knn_transfer(x[ref], d.labels[ref], x[qry], k=opts.knn_k)
-                acc = metrics.classification_scores(d.labels[qry], pred)["accuracy"]
+                s = tasks.zero_shot_scores(x, d, ref, qry, opts)
                 ec, v, share = first_pc(x)
                 r = abs(np.corrcoef(ec @ v, depth)[0, 1])
-                print(f"| {name} | {style} | {edit} | {s['AvgBIO']:.3f} | {acc:.3f} | {share:.2f} | {r:.2f} |",
-                      flush=True)
+                print(f"| {name} | {style} | {edit} | {s['AvgBIO']:.3f} | {s['knn_accuracy']:.3f} | {share:.2f} | "
+                      f"{r:.2f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -246,6 +246,16 @@ def run_integration(p: TaskInputs, model: ScGPTModel, opts: EvalOptions, outdir:
     return TaskResult("integration", p.dataset, pd.DataFrame(rows).T, params, arts)
 
 
+def zero_shot_scores(emb: np.ndarray, d: PreparedData, ref_i: np.ndarray, qry_i: np.ndarray,
+                     opts: EvalOptions) -> dict[str, float]:
+    """scib scores of one embedding plus kNN label transfer from the reference rows to the query rows."""
+    s = metrics.integration_scores(emb, d.labels, d.batches, seed=opts.seed, resolutions=opts.resolutions)
+    pred = metrics.knn_transfer(emb[ref_i], d.labels[ref_i], emb[qry_i], k=opts.knn_k)
+    c = metrics.classification_scores(d.labels[qry_i], pred)
+    s["knn_accuracy"], s["knn_macro_f1"] = c["accuracy"], c["macro_f1"]
+    return s
+
+
 def run_zero_shot(p: TaskInputs, model: ScGPTModel, opts: EvalOptions, outdir: Path) -> TaskResult:
     """Embeddings of the pretrained model, no fine-tuning: scib scores and kNN reference mapping."""
     d = p.data
@@ -255,14 +265,8 @@ def run_zero_shot(p: TaskInputs, model: ScGPTModel, opts: EvalOptions, outdir: P
     if opts.random_init:
         embs[RANDOM] = model.random_init(opts.seed).embed_cells(d, seed=opts.seed, style=style)
     embs.update(_embedding_baselines(d, opts))
-    rows, arts = {}, []
-    for label, emb in embs.items():
-        s = metrics.integration_scores(emb, d.labels, d.batches, seed=opts.seed, resolutions=opts.resolutions)
-        pred = metrics.knn_transfer(emb[ref_i], d.labels[ref_i], emb[qry_i], k=opts.knn_k)
-        c = metrics.classification_scores(d.labels[qry_i], pred)
-        s["knn_accuracy"], s["knn_macro_f1"] = c["accuracy"], c["macro_f1"]
-        rows[label] = s
-    arts += _umap(embs[MODEL], d, outdir, f"{p.dataset}_zero_shot", f"{MODEL} zero-shot", opts)
+    rows = {label: zero_shot_scores(emb, d, ref_i, qry_i, opts) for label, emb in embs.items()}
+    arts = _umap(embs[MODEL], d, outdir, f"{p.dataset}_zero_shot", f"{MODEL} zero-shot", opts)
     params = {**_base_params(p, opts, model), "split": how, "n_reference": int(ref_i.size),
               "n_query": int(qry_i.size), "n_genes": d.n_genes, "knn_k": opts.knn_k}
     return TaskResult("zero-shot", p.dataset, pd.DataFrame(rows).T, params, arts)
