@@ -56,7 +56,7 @@ def main() -> None:
     cfg = get_preset(a.preset, len(vocab), **ast.literal_eval(a.overrides))
     t = time.perf_counter()
     res = fine_tune(None, cfg, ref, FineTuneConfig(task="annotation", epochs=a.epochs, lr=a.lr, seed=0))
-    pred = predict_labels(res.model, qry, res.classes)
+    pred = predict_labels(res.model, qry, res.classes, include_zeros=res.include_zeros)
     print("scGPT random init", metrics.classification_scores(qry.labels, pred), "best epoch", res.best_epoch,
           f"{time.perf_counter() - t:.0f}s")
 

@@ -108,12 +108,13 @@ class ScGPTModel:
 
         Pretrained model (zero-shot): each cell's expressed genes among the vocabulary with
         their bins, sub-sampled to ``max_seq_len`` with a seeded generator. Fine-tuned model:
-        the HVG set it was fine-tuned on, zeros included.
+        the HVG set it was fine-tuned on, with zeros if it was fine-tuned with them.
         """
         if self.finetune is not None:
             data = self._prepare_like_finetune(adata, batch_key)
             return embed_fixed_genes(self.model, data, batch_names=self.finetune.batches or None,
-                                     batch_size=batch_size, device=self.device, style=style)
+                                     batch_size=batch_size, device=self.device, style=style,
+                                     include_zeros=self.finetune.include_zeros)
         data = self.prepare(adata, require_labels=False)
         self.model.eval()
         rng = np.random.default_rng(seed)
@@ -207,4 +208,5 @@ class ScGPTModel:
         if self.task != "annotation" or self.finetune is None:
             raise EvalError("predict() needs a model fine-tuned with task='annotation'")
         data = self._prepare_like_finetune(adata, None)
-        return predict_labels(self.model, data, self.finetune.classes, batch_size=batch_size, device=self.device)
+        return predict_labels(self.model, data, self.finetune.classes, batch_size=batch_size, device=self.device,
+                              include_zeros=self.finetune.include_zeros)

@@ -89,6 +89,12 @@ def _parser(suite: bool) -> argparse.ArgumentParser:
                          "0.1 = a label-scarce reference)")
     ap.add_argument("--min-steps", type=int, default=0,
                     help="fine-tuning: at least this many optimizer steps (more epochs for a small reference)")
+    ap.add_argument("--class-weight", choices=("balanced", "none"), default="none",
+                    help="annotation loss: 'balanced' weights the cross-entropy by inverse class frequency, so rare "
+                         "cell types count as much as common ones (default: %(default)s, as the paper)")
+    ap.add_argument("--include-zeros", action="store_true",
+                    help="annotation / integration: feed every HVG, zeros as bin 0 (default: each cell's expressed "
+                         "HVGs only, as pretraining and the reference fine-tuning)")
     ap.add_argument("--cell-emb", choices=("cls", "avg-pool"),
                     help="the cell embedding scored: the final <cls> state or avg-pool, the mean final gene "
                          "state (default: avg-pool for annotation and zero-shot, cls for integration and "
@@ -208,7 +214,8 @@ def _main(args: argparse.Namespace, suite: bool) -> int:
     opts = tasks.EvalOptions(
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, warmup_fraction=args.warmup,
         weight_decay=args.weight_decay, n_hvg=args.n_hvg, max_cells=args.max_cells,
-        seed=args.seed, label_fraction=args.label_fraction, min_steps=args.min_steps, cell_emb=args.cell_emb, random_init=not args.no_random_init, plots=not args.no_plots, device=device,
+        seed=args.seed, label_fraction=args.label_fraction, min_steps=args.min_steps,
+        include_zeros=args.include_zeros, class_weight=args.class_weight, cell_emb=args.cell_emb, random_init=not args.no_random_init, plots=not args.no_plots, device=device,
         label_key=None if suite else args.label_key, batch_key=None if suite else args.batch_key,
         query_batches=() if suite else tuple(args.query_batch), trunk=args.trunk,
         perturbation_key=None if suite else args.perturbation_key, control=None if suite else args.control,

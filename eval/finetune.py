@@ -1,13 +1,17 @@
 """Fine-tuning loops for the annotation and integration tasks (paper §4.5, §4.8).
 
 Both start from the pretrained weights (or, for the "random init" rows of the score tables,
-from a fresh init of the same architecture) and train on a fixed HVG set with zeros included
-(``collate_all_genes``) with a 9:1 train/validation split (§4.8). The optimiser is AdamW with a
-linear warm-up over the first steps, then the paper's decay to 90% after each epoch. The paper's
-lr 1e-4 is for its pretrained 512-wide model; ``lr=None`` scales it with the width (Adam's
-effective step on a hidden layer shrinks with fan-in, so narrow models take a larger lr):
-1e-4 x (512 / d_model)^1.2, capped at 3e-3. Annotation keeps the epoch with the best validation
-accuracy (ties: lower loss); integration the epoch with the lowest validation GEP loss.
+from a fresh init of the same architecture) and train on a fixed HVG set (``collate_all_genes``)
+with a 9:1 train/validation split (§4.8). Each cell enters as its expressed HVGs with their bins,
+as pretraining saw cells and as the reference fine-tuning does (``include_zero_gene=False``);
+``include_zeros=True`` feeds every HVG with zeros as bin 0 (on symphony 4.5x slower and less
+accurate: BENCHMARKS.md, "Zeros out"). The optimiser is AdamW with a linear warm-up over the first
+steps, then the paper's decay to 90% per epoch (when ``min_steps`` adds epochs, the decay of the
+epochs asked for is spread over the longer run). The paper's lr 1e-4 is for its pretrained
+512-wide model; ``lr=None`` scales it with the width (Adam's effective step on a hidden layer
+shrinks with fan-in, so narrow models take a larger lr): 1e-4 x (512 / d_model)^1.2, capped at
+3e-3. Annotation keeps the epoch with the best validation accuracy (ties: lower loss);
+integration the epoch with the lowest validation GEP loss.
 Measurements behind these choices: BENCHMARKS.md, "Why fine-tuning learned nothing".
 
 * annotation: the CLS objective only (cross-entropy of the cell-type head on ``<cls>``);
@@ -46,7 +50,8 @@ class FineTuneConfig:
     # epoch, so a fixed epoch count leaves it at the class prior; the epochs are raised to reach this
     min_steps: int = 0
     lr: float | None = None  # None: the paper's 1e-4 at width 512, scaled with the width (default_lr)
-    lr_decay: float = 0.9  # §4.8: "decayed to 90% after each epoch"
+    lr_decay: float = 0.9  # §4.8: "decayed to 90% after each epoch" (of the `epochs` asked for: when --min-steps
+    # adds epochs, the same total decay is spread over the longer run, so the added steps are not at ~0 lr)
     warmup_fraction: float = 0.1  # linear warm-up over this share of all optimizer steps
     weight_decay: float = 0.01  # AdamW (decoupled); 0 = the paper's plain Adam
     batch_size: int = 32  # §4.8 mini-batch size
@@ -55,6 +60,9 @@ class FineTuneConfig:
     ecs_beta: float = 0.6  # §4.8
     ecs_weight: float = 10.0  # §4.8
     grad_clip: float = 1.0  # as the reference fine-tuning scripts
+    include_zeros: bool = False  # input: every HVG with zeros as bin 0; False: the cell's expressed HVGs only
+    class_weight: Literal["balanced", "none"] = "none"  # annotation: "balanced" weights the cross-entropy by inverse
+    # class frequency over the training cells (sklearn's "balanced"), so rare types count in the loss
     cell_emb: CellEmbStyle | None = None  # the cell embedding the CLS head / ECS / DAR read: "cls" or "avg-pool"
     # (the mean final gene state); None keeps the pretrained model's (BENCHMARKS.md, issue 10)
     seed: int = 0
@@ -67,6 +75,7 @@ class FineTuneResult:
     classes: list[str] = field(default_factory=list)  # annotation: label order of the CLS head
     batches: list[str] = field(default_factory=list)  # integration: batch order of DSBN / DAR
     best_epoch: int = 0
+    include_zeros: bool = False  # the input convention it was trained on (embeddings and predictions reuse it)
     history: list[dict] = field(default_factory=list)  # per epoch: train/val loss, seconds
 
 
@@ -127,8 +136,14 @@ def _batches(n: int, size: int, rng: np.random.Generator | None):
 
 
 def _collate(data: PreparedData, dense: np.ndarray, idx: np.ndarray, *, mask_ratio: float, seed,
-             backend: str, labels: np.ndarray | None, batches: np.ndarray | None):
-    return collate_all_genes(data.token_ids, dense[idx], seed=seed, mask_ratio=mask_ratio, mode="mlm",
+             backend: str, labels: np.ndarray | None, batches: np.ndarray | None, include_zeros: bool):
+    rows = dense[idx]
+    if include_zeros:
+        genes, values = data.token_ids, rows
+    else:  # each cell's expressed HVGs (a cell with none keeps only <cls>)
+        keep = rows > 0
+        genes, values = [data.token_ids[k] for k in keep], [r[k] for r, k in zip(rows, keep)]
+    return collate_all_genes(genes, values, seed=seed, mask_ratio=mask_ratio, mode="mlm",
                              backend=backend, batch_labels=None if batches is None else batches[idx],
                              celltype_labels=None if labels is None else labels[idx])
 
@@ -179,9 +194,16 @@ def fine_tune(pretrained: ScGPT | None, base_cfg: ModelConfig, data: PreparedDat
     total = steps_per_epoch * epochs
     warmup = max(1, int(round(ft.warmup_fraction * total))) if ft.warmup_fraction > 0 else 0
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=ft.weight_decay)
+    decay_every = max(1, round(total / ft.epochs))  # steps_per_epoch unless --min-steps stretched the run
 
     def lr_factor(s: int) -> float:  # warm-up per step, then the paper's per-epoch decay
-        return min(1.0, (s + 1) / warmup if warmup else 1.0) * ft.lr_decay ** (s // steps_per_epoch)
+        return min(1.0, (s + 1) / warmup if warmup else 1.0) * ft.lr_decay ** (s // decay_every)
+
+    weight = None
+    if labels is not None and ft.class_weight == "balanced":
+        counts = np.bincount(labels[tr_idx], minlength=len(classes)).astype(np.float64)
+        weight = torch.tensor(tr_idx.size / (len(classes) * np.maximum(counts, 1.0)), dtype=torch.float32,
+                              device=ft.device)
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
     log.info("fine-tune %s %s: %d train / %d validation cells x %d genes, %d epochs x %d steps, lr %.2g "
@@ -198,8 +220,11 @@ def fine_tune(pretrained: ScGPT | None, base_cfg: ModelConfig, data: PreparedDat
             if ft.task == "integration" and idx.size < 2:
                 continue  # ECS and DSBN's batch norm need at least two cells
             batch = _collate(data, dense, idx, mask_ratio=mask, seed=rng, backend=backend,
-                             labels=labels, batches=batches).to(ft.device)
-            tot += train_step(model, opt, model(batch).loss.total, ft.grad_clip, sched) * idx.size
+                             labels=labels, batches=batches, include_zeros=ft.include_zeros).to(ft.device)
+            out = model(batch)
+            loss = out.loss.total if weight is None else \
+                torch.nn.functional.cross_entropy(out.cls_logits.float(), batch.celltype_labels, weight=weight)
+            tot += train_step(model, opt, loss, ft.grad_clip, sched) * idx.size
             n += idx.size
             if sched.last_epoch == 3 and total > 3:  # after 3 scheduler steps: a measured estimate of the whole run
                 est = (time.perf_counter() - t_start) / 3 * total * (1 + ft.val_fraction)
@@ -225,7 +250,7 @@ def fine_tune(pretrained: ScGPT | None, base_cfg: ModelConfig, data: PreparedDat
         model.load_state_dict(best_state)
     model.eval()
     return FineTuneResult(model=model, classes=classes, batches=batch_names, best_epoch=best_epoch,
-                          history=history)
+                          include_zeros=ft.include_zeros, history=history)
 
 
 @torch.no_grad()
@@ -241,7 +266,7 @@ def evaluate_loss(model: ScGPT, data: PreparedData, dense: np.ndarray, idx: np.n
         sel = idx[b]
         mask = ft.mask_ratio if ft.task == "integration" else 0.0
         batch = _collate(data, dense, sel, mask_ratio=mask, seed=rng, backend=backend,
-                         labels=labels, batches=batches).to(ft.device)
+                         labels=labels, batches=batches, include_zeros=ft.include_zeros).to(ft.device)
         out = model(batch)
         terms = out.loss.terms
         v = terms["cls"] if ft.task == "annotation" else terms["gep"]
@@ -255,29 +280,31 @@ def evaluate_loss(model: ScGPT, data: PreparedData, dense: np.ndarray, idx: np.n
 
 @torch.no_grad()
 def embed_fixed_genes(model: ScGPT, data: PreparedData, *, batch_names: list[str] | None = None,
-                      batch_size: int = 64, device: str = "cpu", style: str | None = None) -> np.ndarray:
-    """(n_cells, d_model) cell embeddings on the HVG set with zeros (fine-tuned models)."""
+                      batch_size: int = 64, device: str = "cpu", style: str | None = None,
+                      include_zeros: bool = False) -> np.ndarray:
+    """(n_cells, d_model) cell embeddings of a fine-tuned model on its HVG set (``include_zeros``: as it
+    was fine-tuned)."""
     model.eval()
     dense = data.bins.toarray().astype(np.float32)
     batches = _codes(data.batches, batch_names) if batch_names else None
     out = []
     for b in _batches(data.n_cells, batch_size, None):
         batch = _collate(data, dense, b, mask_ratio=0.0, seed=0, backend=model.collate_backend(),
-                         labels=None, batches=batches).to(device)
+                         labels=None, batches=batches, include_zeros=include_zeros).to(device)
         out.append(model.embed_cells(batch, style=style).float().cpu().numpy())
     return np.concatenate(out)
 
 
 @torch.no_grad()
 def predict_labels(model: ScGPT, data: PreparedData, classes: list[str], *, batch_size: int = 64,
-                   device: str = "cpu") -> np.ndarray:
+                   device: str = "cpu", include_zeros: bool = False) -> np.ndarray:
     """Cell-type predictions of the CLS head (annotation models)."""
     model.eval()
     dense = data.bins.toarray().astype(np.float32)
     preds = []
     for b in _batches(data.n_cells, batch_size, None):
         batch = _collate(data, dense, b, mask_ratio=0.0, seed=0, backend=model.collate_backend(),
-                         labels=None, batches=None).to(device)
+                         labels=None, batches=None, include_zeros=include_zeros).to(device)
         logits = model(batch, compute_loss=False).cls_logits
         preds.append(logits.argmax(-1).cpu().numpy())
     return np.asarray(classes)[np.concatenate(preds)]

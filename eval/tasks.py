@@ -49,6 +49,8 @@ class EvalOptions:
     query_fraction: float = 0.2  # stratified query share when there are no query batches
     label_fraction: float = 1.0  # annotation: the share of reference cells whose labels are used (stratified)
     min_steps: int = 0  # fine-tuning: a floor on optimizer steps (epochs are raised to reach it)
+    include_zeros: bool = False  # annotation / integration input: every HVG with zeros (False: expressed HVGs only)
+    class_weight: str = "none"  # annotation loss: "balanced" (inverse class frequency) or "none"
     cell_emb: str | None = None  # "cls" / "avg-pool"; None: the task's default (DEFAULT_CELL_EMB)
     knn_k: int = 10
     network_threshold: float = 0.4  # §4.7: 0.4 (CD antigens); 0.5 for HLA
@@ -177,13 +179,13 @@ def run_annotation(p: TaskInputs, model: ScGPTModel, opts: EvalOptions, outdir: 
     y_q = qry.labels
     ft = FineTuneConfig(task="annotation", epochs=opts.epochs, batch_size=opts.batch_size, seed=opts.seed,
                         device=opts.device, lr=opts.lr, warmup_fraction=opts.warmup_fraction,
-                        weight_decay=opts.weight_decay, min_steps=opts.min_steps,
-                        cell_emb=cell_emb(opts, "annotation"))
+                        weight_decay=opts.weight_decay, min_steps=opts.min_steps, include_zeros=opts.include_zeros,
+                        class_weight=opts.class_weight, cell_emb=cell_emb(opts, "annotation"))
     rows, hist, arts = {}, {}, []
     variants = [(MODEL, model.model)] + ([(RANDOM, None)] if opts.random_init else [])
     for label, init in variants:
         res = fine_tune(init, model.config, ref, ft, name=f"{p.dataset}/{label}")
-        pred = predict_labels(res.model, qry, res.classes, device=opts.device)
+        pred = predict_labels(res.model, qry, res.classes, device=opts.device, include_zeros=res.include_zeros)
         rows[label] = metrics.classification_scores(y_q, pred)
         hist[label] = res.best_epoch
         cm = metrics.normalized_confusion(y_q, pred)
@@ -224,13 +226,14 @@ def run_integration(p: TaskInputs, model: ScGPTModel, opts: EvalOptions, outdir:
     d = p.data
     ft = FineTuneConfig(task="integration", epochs=opts.epochs, batch_size=opts.batch_size, seed=opts.seed,
                         device=opts.device, lr=opts.lr, warmup_fraction=opts.warmup_fraction,
-                        weight_decay=opts.weight_decay, min_steps=opts.min_steps,
+                        weight_decay=opts.weight_decay, min_steps=opts.min_steps, include_zeros=opts.include_zeros,
                         cell_emb=cell_emb(opts, "integration"))
     rows, arts, best = {}, [], {}
     variants = [(MODEL, model.model)] + ([(RANDOM, None)] if opts.random_init else [])
     for label, init in variants:
         res = fine_tune(init, model.config, d, ft, name=f"{p.dataset}/{label}")
-        emb = embed_fixed_genes(res.model, d, batch_names=res.batches, device=opts.device)
+        emb = embed_fixed_genes(res.model, d, batch_names=res.batches, device=opts.device,
+                                include_zeros=res.include_zeros)
         rows[label] = metrics.integration_scores(emb, d.labels, d.batches, seed=opts.seed,
                                                  resolutions=opts.resolutions)
         best[label] = res.best_epoch

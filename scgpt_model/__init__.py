@@ -4,7 +4,7 @@ Modules (import them directly; this package init stays light so ``ingest`` worke
 
 * ``config`` / ``presets``: typed ``ModelConfig`` + ``ObjectiveConfig``;
   ``get_preset("debug"|"small"|"base", vocab_size, **overrides)``
-* ``batching``: ``collate_generative`` (pretraining), ``collate_all_genes`` (fine-tuning incl. zeros),
+* ``batching``: ``collate_generative`` (pretraining), ``collate_all_genes`` (fine-tuning on a gene set),
   ``collate_perturbation``; ``ModelBatch`` (padded for ``sdpa``, packed for ``flash``)
 * ``model``: ``ScGPT`` -> ``ModelOutput`` with a ``LossOutput`` (``.total``, ``.terms``); ``embed_cells``,
   ``gene_embeddings``

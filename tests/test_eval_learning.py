@@ -74,3 +74,38 @@ def test_fine_tune_model_takes_the_trunk_or_refuses():
     assert any(k.startswith("cls_head") for k in own if k not in src)  # the new head
     with pytest.raises(EvalError, match="does not fit the pretrained weights"):
         build_task_model(pretrained, task_config(cfg.replace(d_ffn=cfg.d_ffn * 2), "annotation", n_classes=3), 0)
+
+
+def test_fine_tune_input_is_each_cells_expressed_hvgs_unless_zeros_are_asked_for():
+    """The reference fine-tuning's include_zero_gene=False: a cell's tokens are <cls> plus its expressed
+    HVGs with their bins, as pretraining saw cells; include_zeros=True gives every HVG (zeros as bin 0)."""
+    import scipy.sparse as sp
+
+    from eval.finetune import _collate
+
+    bins = np.array([[0, 3, 0, 7], [5, 0, 0, 0], [0, 0, 0, 0]], dtype=np.float32)
+    data = type("D", (), {"token_ids": np.array([10, 11, 12, 13]), "bins": sp.csr_matrix(bins)})()
+    for zeros, lengths in ((False, [2, 1, 0]), (True, [4, 4, 4])):
+        b = _collate(data, bins, np.arange(3), mask_ratio=0.0, seed=0, backend="sdpa", labels=None,
+                     batches=None, include_zeros=zeros)
+        assert (b.token_mask.sum(1) - 1).tolist() == lengths, (zeros, b.token_mask)  # minus <cls>
+        genes = b.genes[b.token_mask].tolist()
+        if not zeros:  # exactly the expressed genes with their bins, <cls> first in each cell
+            assert [g for g in genes if g >= 10] == [11, 13, 10]
+            assert sorted(b.values[b.token_mask & (b.genes >= 10)].tolist()) == [3.0, 5.0, 7.0]
+
+
+def test_min_steps_spreads_the_lr_decay_and_balanced_weights_rare_types():
+    """--min-steps stretches the run without stretching the decay to ~0 (0.9 per asked-for epoch), and
+    class_weight='balanced' trains on a weighted cross-entropy; both on real pbmc3k cells, CI size."""
+    vocab = GeneVocab.from_genes(sorted(set(symbol_table().values())))
+    name, adata, _ = load_dataset("pbmc3k")
+    d = prepare(adata, vocab, name=name, label_key="celltype", batch_key=None, max_cells=120, seed=0)
+    d = d.take_genes(select_hvg(d.counts, 40))
+    cfg = get_preset("debug", len(vocab))
+    res = fine_tune(None, cfg, d, FineTuneConfig(task="annotation", epochs=2, min_steps=16, batch_size=32,
+                                                 warmup_fraction=0.0, class_weight="balanced", seed=0))
+    lrs = [h["lr"] for h in res.history]  # 108 train cells: 4 steps per epoch, 4 epochs for 16 steps
+    assert len(lrs) == 4
+    assert lrs[-1] / default_lr(cfg.d_model) >= 0.9 ** 2 - 1e-9, lrs  # 2 epochs asked for: 2 decays at most
+    assert np.isfinite([h["train_loss"] for h in res.history]).all()
