@@ -221,9 +221,7 @@ def fine_tune(pretrained: ScGPT | None, base_cfg: ModelConfig, data: PreparedDat
                 continue  # ECS and DSBN's batch norm need at least two cells
             batch = _collate(data, dense, idx, mask_ratio=mask, seed=rng, backend=backend,
                              labels=labels, batches=batches, include_zeros=ft.include_zeros).to(ft.device)
-            out = model(batch)
-            loss = out.loss.total if weight is None else \
-                torch.nn.functional.cross_entropy(out.cls_logits.float(), batch.celltype_labels, weight=weight)
+            loss = model(batch, cls_class_weight=weight).loss.total
             tot += train_step(model, opt, loss, ft.grad_clip, sched) * idx.size
             n += idx.size
             if sched.last_epoch == 3 and total > 3:  # after 3 scheduler steps: a measured estimate of the whole run

@@ -189,7 +189,8 @@ class ScGPT(nn.Module):
 
     # ------------------------------------------------------------------------------------------
     def forward(self, batch: ModelBatch, *, cell_prompt: Tensor | None = None,
-                compute_loss: bool = True) -> ModelOutput:
+                compute_loss: bool = True, cls_class_weight: Tensor | None = None) -> ModelOutput:
+        """``cls_class_weight``: (n_cell_types,) weights of the CLS cross-entropy (None: unweighted)."""
         cfg = self.cfg
         h, cell_emb, g = self.encode(batch, cell_prompt)
         need_cell = None
@@ -221,10 +222,11 @@ class ScGPT(nn.Module):
         if self.dar_head is not None:
             out.dar_logits = self.dar_head(cell_emb)
         if compute_loss:
-            out.loss = self._losses(batch, out, gepc_zero)
+            out.loss = self._losses(batch, out, gepc_zero, cls_class_weight)
         return out
 
-    def _losses(self, batch: ModelBatch, out: ModelOutput, gepc_zero: Tensor | None) -> LossOutput:
+    def _losses(self, batch: ModelBatch, out: ModelOutput, gepc_zero: Tensor | None,
+                cls_class_weight: Tensor | None = None) -> LossOutput:
         obj = self.cfg.objectives
         tgt = batch.targets.reshape(-1)
         mask = batch.loss_mask.reshape(-1)
@@ -251,7 +253,8 @@ class ScGPT(nn.Module):
         if obj.cls and out.cls_logits is not None:
             if batch.celltype_labels is None:
                 raise ValueError("the CLS objective is on; pass celltype_labels to the collate function")
-            raw["cls"] = nn.functional.cross_entropy(out.cls_logits.float(), batch.celltype_labels)
+            raw["cls"] = nn.functional.cross_entropy(out.cls_logits.float(), batch.celltype_labels,
+                                                     weight=cls_class_weight)
             w["cls"] = obj.cls_weight
         return LossOutput.from_terms(raw, w)
 
