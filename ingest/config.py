@@ -38,6 +38,7 @@ class IngestConfig:
     ray_address: str | None = None         # None: a local Ray started (and stopped) by this command
     num_cpus: int | None = None            # local Ray only; None: all cores
     progress_every_s: float = 2.0         # at most one progress line per this many seconds
+    stop_grace_s: float = 15.0            # on a signal or an error, how long the shards being written may finish
 
     def check(self) -> None:
         """Refuse out-of-range arguments (IngestError naming the option); `ingest validate` is the shard check."""

@@ -291,7 +291,6 @@ def run_ingest(cfg: IngestConfig) -> Manifest:
 def _run_chunks(cfg: IngestConfig, p: IngestPlan, out: Path, chunks: list[np.ndarray], todo: list[int],
                 shards: dict[int, dict], n_skip: int) -> None:
     import ray
-    from ray.exceptions import RayTaskError
 
     task = ray.remote(num_cpus=1, max_retries=1)(_chunk_task)
     var_ref = ray.put(p.var_to_vocab)
@@ -313,22 +312,7 @@ def _run_chunks(cfg: IngestConfig, p: IngestPlan, out: Path, chunks: list[np.nda
             ready, _ = ray.wait(list(inflight), num_returns=1)
             for ref in ready:
                 i = inflight.pop(ref)
-                try:
-                    res = ray.get(ref)
-                except RayTaskError as e:
-                    cause = getattr(e, "cause", None)
-                    if isinstance(cause, IngestError):  # DiskFull included: one message, not the worker's traceback
-                        raise type(cause)(str(cause)) from None
-                    raise
-                shards[i] = ShardEntry.from_dict({k: v for k, v in res.items() if k not in DEBUG_KEYS},
-                                                 where=f"shard {i}")
-                if log.isEnabledFor(logging.DEBUG):
-                    stages = res.get("stages", {})
-                    log.debug("shard %d: %d cells, pid %s (RSS %.0f MB), started %.2fs into the chunk phase; "
-                              "wall/CPU s: %s, total %.2f/%.2f", i, res["n_rows"], res.get("pid"),
-                              res.get("rss_mb", float("nan")), res.get("t_start", t0) - t0,
-                              " ".join(f"{k} {w:.2f}/{c:.2f}" for k, (w, c) in stages.items()),
-                              sum(w for w, _ in stages.values()), sum(c for _, c in stages.values()))
+                _record(_result(ref), i, shards)
                 done_cells += len(chunks[i])
                 _manifest(p, cfg, shards, complete=False).write(out)
                 now = time.perf_counter()
@@ -339,7 +323,61 @@ def _run_chunks(cfg: IngestConfig, p: IngestPlan, out: Path, chunks: list[np.nda
                              n_skip + done_cells, total, 100.0 * (n_skip + done_cells) / total, len(shards),
                              len(chunks), rate, left / max(rate, 1e-9))
                     last = now
-    except BaseException:
-        for ref in inflight:
-            ray.cancel(ref, force=True)
+    except BaseException:  # a signal, a worker's error: let the shards being written finish first
+        if _drain(inflight, shards, cfg.stop_grace_s):
+            try:
+                _manifest(p, cfg, shards, complete=False).write(out)
+            except OSError:  # a full disk: the manifest on disk still lists every shard it had
+                pass
         raise
+
+
+def _record(res: dict, i: int, shards: dict[int, dict]) -> None:
+    """Add the finished shard ``i`` (a task's result) to ``shards``."""
+    shards[i] = ShardEntry.from_dict({k: v for k, v in res.items() if k not in DEBUG_KEYS}, where=f"shard {i}")
+    if log.isEnabledFor(logging.DEBUG):
+        stages = res.get("stages", {})
+        log.debug("shard %d: %d cells, pid %s (RSS %.0f MB); wall/CPU s: %s, total %.2f/%.2f", i, res["n_rows"],
+                  res.get("pid"), res.get("rss_mb", float("nan")),
+                  " ".join(f"{k} {w:.2f}/{c:.2f}" for k, (w, c) in stages.items()),
+                  sum(w for w, _ in stages.values()), sum(c for _, c in stages.values()))
+
+
+def _result(ref):
+    """A finished task's result; the task's IngestError (DiskFull included) as itself, not wrapped."""
+    import ray
+    from ray.exceptions import RayTaskError
+
+    try:
+        return ray.get(ref)
+    except RayTaskError as e:
+        cause = getattr(e, "cause", None)
+        if isinstance(cause, IngestError):  # one message, not the worker's traceback
+            raise type(cause)(str(cause)) from None
+        raise
+
+
+def _drain(inflight: dict, shards: dict[int, dict], grace_s: float) -> int:
+    """On the way out, wait up to ``grace_s`` for the tasks in flight and keep the shards they finish
+    (returns how many).
+
+    Only what is still running after that is cancelled: ``ray.cancel`` racing a task that is just
+    finishing trips a RAY_CHECK in the driver's core worker ("Tried to complete task that was not
+    pending", ray-project/ray#54798), which kills the process instead of letting it stop cleanly.
+    """
+    import ray
+
+    if not inflight:
+        return 0
+    log.info("stopping: waiting up to %.0fs for the %d shard task(s) in flight", grace_s, len(inflight))
+    done, left = ray.wait(list(inflight), num_returns=len(inflight), timeout=grace_s, fetch_local=True)
+    kept = 0
+    for ref in done:
+        try:
+            _record(_result(ref), inflight[ref], shards)
+            kept += 1
+        except Exception:  # noqa: BLE001 - the error that stops the run is already on its way out
+            pass
+    for ref in left:
+        ray.cancel(ref, force=True)
+    return kept

@@ -26,8 +26,8 @@ def test_every_ingest_census_option_reaches_its_field():
                 min_genes=5, max_cells=7, n_bins=11, vocab="v.json", gene_key="feature_name", cells_per_shard=9,
                 seed=3, val_fraction=0.1, ray_address="auto", num_cpus=2)
     assert {k: getattr(cfg, k) for k in want} == want
-    # every field a user may set has an option (progress_every_s is internal)
-    settable = {f.name for f in dataclasses.fields(IngestConfig)} - {"out", "progress_every_s"}
+    # every field a user may set has an option (progress_every_s and stop_grace_s are internal)
+    settable = {f.name for f in dataclasses.fields(IngestConfig)} - {"out", "progress_every_s", "stop_grace_s"}
     assert settable == set(want)
 
 
@@ -52,6 +52,7 @@ def test_evaluate_defaults_match_eval_options():
     fields = {"epochs": "epochs", "batch_size": "batch_size", "lr": "lr", "warmup": "warmup_fraction",
               "weight_decay": "weight_decay", "n_hvg": "n_hvg", "max_cells": "max_cells", "seed": "seed",
               "label_fraction": "label_fraction", "min_steps": "min_steps", "cell_emb": "cell_emb",
+              "perturbation_min_steps": "perturbation_min_steps", "dropout": "dropout",
               "include_zeros": "include_zeros", "class_weight": "class_weight",
               "splits": "n_splits", "max_perturbations": "max_perturbations", "trunk": "trunk"}
     assert {dest: getattr(args, dest) for dest in fields} == {dest: getattr(d, f) for dest, f in fields.items()}
