@@ -89,9 +89,15 @@ def _parser(suite: bool) -> argparse.ArgumentParser:
                          "0.1 = a label-scarce reference)")
     ap.add_argument("--min-steps", type=int, default=0,
                     help="fine-tuning: at least this many optimizer steps (more epochs for a small reference)")
+    ap.add_argument("--perturbation-min-steps", type=int, default=None,
+                    help="perturbation fine-tunes: their own step floor (default: --min-steps). They are the "
+                         "slowest fine-tunes of the suite (4 per split), so a CPU run can give them fewer steps")
     ap.add_argument("--class-weight", choices=("balanced", "none"), default="none",
                     help="annotation loss: 'balanced' weights the cross-entropy by inverse class frequency, so rare "
                          "cell types count as much as common ones (default: %(default)s, as the paper)")
+    ap.add_argument("--dropout", type=float, default=None,
+                    help="annotation / integration fine-tunes: dropout (default: the pretrained model's; the "
+                         "official annotation tutorial uses 0.2)")
     ap.add_argument("--include-zeros", action="store_true",
                     help="annotation / integration: feed every HVG, zeros as bin 0 (default: each cell's expressed "
                          "HVGs only, as pretraining and the reference fine-tuning)")
@@ -191,11 +197,14 @@ def _main(args: argparse.Namespace, suite: bool) -> int:
     from eval.runner import evaluate, evaluate_suite
     from training.tracking import check_tracking_uri, resolve_tracking_uri
 
-    for name in ("epochs", "batch_size", "max_cells", "splits", "max_perturbations", "min_steps"):
-        if getattr(args, name) < (1 if name in ("epochs", "batch_size", "splits") else 0):
+    for name in ("epochs", "batch_size", "max_cells", "splits", "max_perturbations", "min_steps",
+                 "perturbation_min_steps"):
+        if (getattr(args, name) or 0) < (1 if name in ("epochs", "batch_size", "splits") else 0):
             raise EvalError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if args.lr is not None and not args.lr > 0:
         raise EvalError(f"--lr must be positive, got {args.lr}")
+    if args.dropout is not None and not 0 <= args.dropout < 1:
+        raise EvalError(f"--dropout is a probability in [0, 1), got {args.dropout}")
     if not 0 <= args.warmup < 1:
         raise EvalError(f"--warmup is a fraction of the steps in [0, 1), got {args.warmup}")
     if args.weight_decay < 0:
@@ -215,6 +224,7 @@ def _main(args: argparse.Namespace, suite: bool) -> int:
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, warmup_fraction=args.warmup,
         weight_decay=args.weight_decay, n_hvg=args.n_hvg, max_cells=args.max_cells,
         seed=args.seed, label_fraction=args.label_fraction, min_steps=args.min_steps,
+        perturbation_min_steps=args.perturbation_min_steps, dropout=args.dropout,
         include_zeros=args.include_zeros, class_weight=args.class_weight, cell_emb=args.cell_emb, random_init=not args.no_random_init, plots=not args.no_plots, device=device,
         label_key=None if suite else args.label_key, batch_key=None if suite else args.batch_key,
         query_batches=() if suite else tuple(args.query_batch), trunk=args.trunk,

@@ -65,6 +65,7 @@ class FineTuneConfig:
     # class frequency over the training cells (sklearn's "balanced"), so rare types count in the loss
     cell_emb: CellEmbStyle | None = None  # the cell embedding the CLS head / ECS / DAR read: "cls" or "avg-pool"
     # (the mean final gene state); None keeps the pretrained model's (BENCHMARKS.md, issue 10)
+    dropout: float | None = None  # None: the pretrained model's (the official annotation tutorial fine-tunes at 0.2)
     seed: int = 0
     device: str = "cpu"
 
@@ -85,6 +86,8 @@ def task_config(base: ModelConfig, task: Task, n_classes: int = 0, n_batches: in
     ft = ft or FineTuneConfig(task=task)
     if ft.cell_emb is not None:
         base = base.replace(cell_emb_style=ft.cell_emb)
+    if ft.dropout is not None:
+        base = base.replace(dropout=ft.dropout)
     if task == "annotation":
         return base.replace(n_cell_types=n_classes, objectives=dict(gep=False, gepc=False, ecs=False,
                                                                     dar=False, cls=True))

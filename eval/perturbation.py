@@ -277,12 +277,18 @@ def run_split(data: PerturbData, split: ps.Split, pretrained: ScGPT | None, base
     return preds, info
 
 
+def perturbation_min_steps(opts) -> int:
+    """The step floor of the perturbation fine-tunes: ``opts.perturbation_min_steps``, else ``opts.min_steps``."""
+    own = getattr(opts, "perturbation_min_steps", None)
+    return int(own if own is not None else getattr(opts, "min_steps", 0) or 0)
+
+
 def run_perturbation(p, model, opts, outdir: Path) -> TaskResult:
     data: PerturbData = p.data
     n_splits = getattr(opts, "n_splits", N_SPLITS)
     cfg = PerturbConfig(epochs=opts.epochs, lr=opts.lr, warmup_fraction=opts.warmup_fraction,
                         weight_decay=opts.weight_decay, batch_size=opts.batch_size, seed=opts.seed, device=opts.device,
-                        min_steps=getattr(opts, "min_steps", 0))
+                        min_steps=perturbation_min_steps(opts))
     ctrl = data.control_mean()
     rows, split_means, best_epochs = [], [], {}
     for k in range(n_splits):

@@ -7,6 +7,7 @@ and its baselines on the same split, and returns a ``TaskResult`` (score table +
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -49,8 +50,10 @@ class EvalOptions:
     query_fraction: float = 0.2  # stratified query share when there are no query batches
     label_fraction: float = 1.0  # annotation: the share of reference cells whose labels are used (stratified)
     min_steps: int = 0  # fine-tuning: a floor on optimizer steps (epochs are raised to reach it)
+    perturbation_min_steps: int | None = None  # the perturbation fine-tunes' own floor; None: min_steps
     include_zeros: bool = False  # annotation / integration input: every HVG with zeros (False: expressed HVGs only)
     class_weight: str = "none"  # annotation loss: "balanced" (inverse class frequency) or "none"
+    dropout: float | None = None  # annotation / integration fine-tunes; None: the pretrained model's
     cell_emb: str | None = None  # "cls" / "avg-pool"; None: the task's default (DEFAULT_CELL_EMB)
     knn_k: int = 10
     network_threshold: float = 0.4  # §4.7: 0.4 (CD antigens); 0.5 for HLA
@@ -165,6 +168,12 @@ def _base_params(p: TaskInputs, opts: EvalOptions, model: ScGPTModel) -> dict:
             **({"cell_emb": cell_emb(opts, p.task)} if p.task in DEFAULT_CELL_EMB else {}), **p.params}
 
 
+def _ft_params(ft: FineTuneConfig) -> dict:
+    """The fine-tuning settings a run used, logged with its scores (lr None: the width-scaled default)."""
+    skip = {"task", "seed", "device", "epochs"}
+    return {f"ft_{f.name}": getattr(ft, f.name) for f in dataclasses.fields(ft) if f.name not in skip}
+
+
 def run_annotation(p: TaskInputs, model: ScGPTModel, opts: EvalOptions, outdir: Path) -> TaskResult:
     """CLS fine-tuning on the reference, scored on the held-out query (§2.3, §4.5)."""
     ref_i, qry_i, how = reference_query_split(p, opts)
@@ -180,7 +189,7 @@ def run_annotation(p: TaskInputs, model: ScGPTModel, opts: EvalOptions, outdir: 
     ft = FineTuneConfig(task="annotation", epochs=opts.epochs, batch_size=opts.batch_size, seed=opts.seed,
                         device=opts.device, lr=opts.lr, warmup_fraction=opts.warmup_fraction,
                         weight_decay=opts.weight_decay, min_steps=opts.min_steps, include_zeros=opts.include_zeros,
-                        class_weight=opts.class_weight, cell_emb=cell_emb(opts, "annotation"))
+                        class_weight=opts.class_weight, cell_emb=cell_emb(opts, "annotation"), dropout=opts.dropout)
     rows, hist, arts = {}, {}, []
     variants = [(MODEL, model.model)] + ([(RANDOM, None)] if opts.random_init else [])
     for label, init in variants:
@@ -199,7 +208,7 @@ def run_annotation(p: TaskInputs, model: ScGPTModel, opts: EvalOptions, outdir: 
     rows["logreg on PCA"] = metrics.classification_scores(y_q, pred)
     params = {**_base_params(p, opts, model), "split": how, "n_reference": ref.n_cells, "n_query": qry.n_cells,
               "n_genes": ref.n_genes, "epochs": opts.epochs, "best_epoch": hist.get(MODEL),
-              "best_epoch_random_init": hist.get(RANDOM)}
+              "best_epoch_random_init": hist.get(RANDOM), **_ft_params(ft)}
     return TaskResult("annotation", p.dataset, pd.DataFrame(rows).T, params, arts)
 
 
@@ -227,7 +236,7 @@ def run_integration(p: TaskInputs, model: ScGPTModel, opts: EvalOptions, outdir:
     ft = FineTuneConfig(task="integration", epochs=opts.epochs, batch_size=opts.batch_size, seed=opts.seed,
                         device=opts.device, lr=opts.lr, warmup_fraction=opts.warmup_fraction,
                         weight_decay=opts.weight_decay, min_steps=opts.min_steps, include_zeros=opts.include_zeros,
-                        cell_emb=cell_emb(opts, "integration"))
+                        cell_emb=cell_emb(opts, "integration"), dropout=opts.dropout)
     rows, arts, best = {}, [], {}
     variants = [(MODEL, model.model)] + ([(RANDOM, None)] if opts.random_init else [])
     for label, init in variants:
@@ -245,7 +254,8 @@ def run_integration(p: TaskInputs, model: ScGPTModel, opts: EvalOptions, outdir:
         if label == "PCA":
             arts += _umap(emb, d, outdir, f"{p.dataset}_pca", "PCA", opts)
     params = {**_base_params(p, opts, model), "n_genes": d.n_genes, "n_batches": len(set(d.batches)),
-              "epochs": opts.epochs, "best_epoch": best.get(MODEL), "best_epoch_random_init": best.get(RANDOM)}
+              "epochs": opts.epochs, "best_epoch": best.get(MODEL), "best_epoch_random_init": best.get(RANDOM),
+              **_ft_params(ft)}
     return TaskResult("integration", p.dataset, pd.DataFrame(rows).T, params, arts)
 
 

@@ -52,12 +52,12 @@ else
     | tee "$OUT/gep.md.tmp"
   mv "$OUT/gep.md.tmp" "$OUT/gep.md"
 fi
-echo "== 6/6 evaluate suite on $MODEL, datasets held out of pretraining (CPU budget: 600 cells, 200 HVGs, 5 epochs and at least 150 steps per fine-tune)"
+echo "== 6/6 evaluate suite on $MODEL, datasets held out of pretraining (CPU budget: 600 cells, 200 HVGs, 5 epochs; at least 600 steps per annotation / integration fine-tune, 150 per perturbation fine-tune)"
 if [ -s "$OUT/suite.md" ]; then
   echo "reusing $OUT/suite.md, the scores of $MODEL (delete it to evaluate again)"; cat "$OUT/suite.md"
 else
   evaluate suite --model "$MODEL" --held-out-only --max-cells 600 --n-hvg 200 --epochs 5 --splits 2 \
-    --max-perturbations 8 --min-steps 150 --out "$OUT/eval" | tee "$OUT/suite.md.tmp"
+    --max-perturbations 8 --min-steps 600 --perturbation-min-steps 150 --out "$OUT/eval" | tee "$OUT/suite.md.tmp"
   mv "$OUT/suite.md.tmp" "$OUT/suite.md"
 fi
 echo "demo: done in $(( (SECONDS - t0) / 60 )) min. Scores: $OUT/suite.md. Follow-up commands (README.md, 'After the main job'):"

@@ -322,3 +322,16 @@ def test_bad_input_is_one_message_and_exit_2(case, match, small_screen, eval_deb
 
     exp = mlflow.MlflowClient(tracking_uri=uri).get_experiment_by_name("scgpt-eval")
     assert exp is None or not mlflow.MlflowClient(tracking_uri=uri).search_runs([exp.experiment_id])
+
+
+def test_perturbation_step_floor_is_its_own_or_the_suites():
+    # the demo gives annotation / integration 600 steps and the (slowest) perturbation fine-tunes fewer
+    from eval.cli import _parser
+    from eval.perturbation import perturbation_min_steps
+    from eval.tasks import EvalOptions
+
+    assert perturbation_min_steps(EvalOptions(min_steps=600)) == 600
+    assert perturbation_min_steps(EvalOptions(min_steps=600, perturbation_min_steps=150)) == 150
+    assert perturbation_min_steps(EvalOptions(min_steps=600, perturbation_min_steps=0)) == 0
+    args = _parser(True).parse_args(["--model", "m", "--min-steps", "600", "--perturbation-min-steps", "150"])
+    assert (args.min_steps, args.perturbation_min_steps) == (600, 150)
