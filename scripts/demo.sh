@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The main job on the embedded default, end to end, with nothing to start by hand (about 20-25 minutes
+# The main job on the embedded default, end to end, with nothing to start by hand (about 20 minutes
 # on 2 idle CPU cores):
 #   set up .venv -> build the demo atlas (a local store in Census layout) -> ingest its blood cells
 #   except the symphony PBMCs (held out for evaluation) -> validate -> pretrain the `cpu` preset on a
