@@ -168,6 +168,14 @@ def _base_params(p: TaskInputs, opts: EvalOptions, model: ScGPTModel) -> dict:
             **({"cell_emb": cell_emb(opts, p.task)} if p.task in DEFAULT_CELL_EMB else {}), **p.params}
 
 
+def _ft_config(opts: EvalOptions, task: str, **task_only) -> FineTuneConfig:
+    """The fine-tune of ``task`` (annotation / integration) as ``opts`` sets it; ``task_only``: its own settings."""
+    return FineTuneConfig(task=task, epochs=opts.epochs, batch_size=opts.batch_size, seed=opts.seed,
+                          device=opts.device, lr=opts.lr, warmup_fraction=opts.warmup_fraction,
+                          weight_decay=opts.weight_decay, min_steps=opts.min_steps, include_zeros=opts.include_zeros,
+                          cell_emb=cell_emb(opts, task), dropout=opts.dropout, **task_only)
+
+
 def _ft_params(ft: FineTuneConfig) -> dict:
     """The fine-tuning settings a run used, logged with its scores (lr None: the width-scaled default)."""
     skip = {"task", "seed", "device", "epochs"}
@@ -186,10 +194,7 @@ def run_annotation(p: TaskInputs, model: ScGPTModel, opts: EvalOptions, outdir: 
     cols = select_hvg(ref_all.counts, n_hvg)  # HVGs from the reference only: no query leakage
     ref, qry = ref_all.take_genes(cols), p.data.subset(qry_i).take_genes(cols)
     y_q = qry.labels
-    ft = FineTuneConfig(task="annotation", epochs=opts.epochs, batch_size=opts.batch_size, seed=opts.seed,
-                        device=opts.device, lr=opts.lr, warmup_fraction=opts.warmup_fraction,
-                        weight_decay=opts.weight_decay, min_steps=opts.min_steps, include_zeros=opts.include_zeros,
-                        class_weight=opts.class_weight, cell_emb=cell_emb(opts, "annotation"), dropout=opts.dropout)
+    ft = _ft_config(opts, "annotation", class_weight=opts.class_weight)
     rows, hist, arts = {}, {}, []
     variants = [(MODEL, model.model)] + ([(RANDOM, None)] if opts.random_init else [])
     for label, init in variants:
@@ -233,10 +238,7 @@ def _embedding_baselines(data: PreparedData, opts: EvalOptions) -> dict[str, np.
 def run_integration(p: TaskInputs, model: ScGPTModel, opts: EvalOptions, outdir: Path) -> TaskResult:
     """GEP+GEPC+ECS+DAR+DSBN fine-tuning on all cells, scib scores of the embedding (§2.2)."""
     d = p.data
-    ft = FineTuneConfig(task="integration", epochs=opts.epochs, batch_size=opts.batch_size, seed=opts.seed,
-                        device=opts.device, lr=opts.lr, warmup_fraction=opts.warmup_fraction,
-                        weight_decay=opts.weight_decay, min_steps=opts.min_steps, include_zeros=opts.include_zeros,
-                        cell_emb=cell_emb(opts, "integration"), dropout=opts.dropout)
+    ft = _ft_config(opts, "integration")
     rows, arts, best = {}, [], {}
     variants = [(MODEL, model.model)] + ([(RANDOM, None)] if opts.random_init else [])
     for label, init in variants:

@@ -312,7 +312,7 @@ def _run_chunks(cfg: IngestConfig, p: IngestPlan, out: Path, chunks: list[np.nda
             ready, _ = ray.wait(list(inflight), num_returns=1)
             for ref in ready:
                 i = inflight.pop(ref)
-                _record(_result(ref), i, shards)
+                _record(_result(ref), i, shards, t0)
                 done_cells += len(chunks[i])
                 _manifest(p, cfg, shards, complete=False).write(out)
                 now = time.perf_counter()
@@ -324,7 +324,7 @@ def _run_chunks(cfg: IngestConfig, p: IngestPlan, out: Path, chunks: list[np.nda
                              len(chunks), rate, left / max(rate, 1e-9))
                     last = now
     except BaseException:  # a signal, a worker's error: let the shards being written finish first
-        if _drain(inflight, shards, cfg.stop_grace_s):
+        if _drain(inflight, shards, cfg.stop_grace_s, t0):
             try:
                 _manifest(p, cfg, shards, complete=False).write(out)
             except OSError:  # a full disk: the manifest on disk still lists every shard it had
@@ -332,13 +332,14 @@ def _run_chunks(cfg: IngestConfig, p: IngestPlan, out: Path, chunks: list[np.nda
         raise
 
 
-def _record(res: dict, i: int, shards: dict[int, dict]) -> None:
-    """Add the finished shard ``i`` (a task's result) to ``shards``."""
+def _record(res: dict, i: int, shards: dict[int, dict], t0: float) -> None:
+    """Add the finished shard ``i`` (a task's result) to ``shards``; ``t0``: the chunk phase's start."""
     shards[i] = ShardEntry.from_dict({k: v for k, v in res.items() if k not in DEBUG_KEYS}, where=f"shard {i}")
     if log.isEnabledFor(logging.DEBUG):
         stages = res.get("stages", {})
-        log.debug("shard %d: %d cells, pid %s (RSS %.0f MB); wall/CPU s: %s, total %.2f/%.2f", i, res["n_rows"],
-                  res.get("pid"), res.get("rss_mb", float("nan")),
+        log.debug("shard %d: %d cells, pid %s (RSS %.0f MB), started %.2fs into the chunk phase; wall/CPU s: %s, "
+                  "total %.2f/%.2f", i, res["n_rows"], res.get("pid"), res.get("rss_mb", float("nan")),
+                  res.get("t_start", t0) - t0,
                   " ".join(f"{k} {w:.2f}/{c:.2f}" for k, (w, c) in stages.items()),
                   sum(w for w, _ in stages.values()), sum(c for _, c in stages.values()))
 
@@ -357,7 +358,7 @@ def _result(ref):
         raise
 
 
-def _drain(inflight: dict, shards: dict[int, dict], grace_s: float) -> int:
+def _drain(inflight: dict, shards: dict[int, dict], grace_s: float, t0: float) -> int:
     """On the way out, wait up to ``grace_s`` for the tasks in flight and keep the shards they finish
     (returns how many).
 
@@ -374,7 +375,7 @@ def _drain(inflight: dict, shards: dict[int, dict], grace_s: float) -> int:
     kept = 0
     for ref in done:
         try:
-            _record(_result(ref), inflight[ref], shards)
+            _record(_result(ref), inflight[ref], shards, t0)
             kept += 1
         except Exception:  # noqa: BLE001 - the error that stops the run is already on its way out
             pass
