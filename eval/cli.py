@@ -98,6 +98,10 @@ def _parser(suite: bool) -> argparse.ArgumentParser:
     ap.add_argument("--dropout", type=float, default=None,
                     help="annotation / integration fine-tunes: dropout (default: the pretrained model's; the "
                          "official annotation tutorial uses 0.2)")
+    ap.add_argument("--gene-dropout", type=float, default=None,
+                    help="annotation / integration fine-tunes: augment each training cell at each step by dropping "
+                         "a share of its expressed input genes drawn uniformly from [0, this), so the model cannot "
+                         "lean on sequencing depth (default: 0.5 for annotation, 0 = off for integration)")
     ap.add_argument("--include-zeros", action="store_true",
                     help="annotation / integration: feed every HVG, zeros as bin 0 (default: each cell's expressed "
                          "HVGs only, as pretraining and the reference fine-tuning)")
@@ -205,6 +209,8 @@ def _main(args: argparse.Namespace, suite: bool) -> int:
         raise EvalError(f"--lr must be positive, got {args.lr}")
     if args.dropout is not None and not 0 <= args.dropout < 1:
         raise EvalError(f"--dropout is a probability in [0, 1), got {args.dropout}")
+    if args.gene_dropout is not None and not 0 <= args.gene_dropout < 1:
+        raise EvalError(f"--gene-dropout is a share of the expressed genes in [0, 1), got {args.gene_dropout}")
     if not 0 <= args.warmup < 1:
         raise EvalError(f"--warmup is a fraction of the steps in [0, 1), got {args.warmup}")
     if args.weight_decay < 0:
@@ -224,7 +230,7 @@ def _main(args: argparse.Namespace, suite: bool) -> int:
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, warmup_fraction=args.warmup,
         weight_decay=args.weight_decay, n_hvg=args.n_hvg, max_cells=args.max_cells,
         seed=args.seed, label_fraction=args.label_fraction, min_steps=args.min_steps,
-        perturbation_min_steps=args.perturbation_min_steps, dropout=args.dropout,
+        perturbation_min_steps=args.perturbation_min_steps, dropout=args.dropout, gene_dropout=args.gene_dropout,
         include_zeros=args.include_zeros, class_weight=args.class_weight, cell_emb=args.cell_emb, random_init=not args.no_random_init, plots=not args.no_plots, device=device,
         label_key=None if suite else args.label_key, batch_key=None if suite else args.batch_key,
         query_batches=() if suite else tuple(args.query_batch), trunk=args.trunk,

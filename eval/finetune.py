@@ -66,6 +66,10 @@ class FineTuneConfig:
     cell_emb: CellEmbStyle | None = None  # the cell embedding the CLS head / ECS / DAR read: "cls" or "avg-pool"
     # (the mean final gene state); None keeps the pretrained model's (BENCHMARKS.md, issue 10)
     dropout: float | None = None  # None: the pretrained model's (the official annotation tutorial fine-tunes at 0.2)
+    gene_dropout: float = 0.0  # augmentation of the training cells: each step, each cell loses a share of its
+    # expressed input genes drawn uniformly from [0, gene_dropout], so the head cannot lean on how many genes a
+    # cell has (sequencing depth differs between chemistries; BENCHMARKS.md, issue 10). Validation and
+    # prediction see every gene.
     seed: int = 0
     device: str = "cpu"
 
@@ -90,10 +94,10 @@ def task_config(base: ModelConfig, task: Task, n_classes: int = 0, n_batches: in
         base = base.replace(dropout=ft.dropout)
     if task == "annotation":
         return base.replace(n_cell_types=n_classes, objectives=dict(gep=False, gepc=False, ecs=False,
-                                                                    dar=False, cls=True))
+                                                                    dar=False, cls=True, depth_adv=False))
     return base.replace(n_batches=n_batches, dsbn=True, n_cell_types=0,
                         objectives=dict(gep=True, gepc=True, ecs=True, ecs_beta=ft.ecs_beta,
-                                        ecs_weight=ft.ecs_weight, dar=True, cls=False))
+                                        ecs_weight=ft.ecs_weight, dar=True, cls=False, depth_adv=False))
 
 
 def default_lr(d_model: int) -> float:
@@ -138,9 +142,18 @@ def _batches(n: int, size: int, rng: np.random.Generator | None):
         yield order[s:s + size]
 
 
+def _drop_genes(rows: np.ndarray, share: float, rng: np.random.Generator) -> np.ndarray:
+    """``rows`` with each cell's expressed genes set to zero at a rate drawn per cell from [0, share)."""
+    rate = rng.uniform(0.0, share, size=(rows.shape[0], 1))
+    return np.where(rng.random(rows.shape) < rate, 0.0, rows).astype(rows.dtype, copy=False)
+
+
 def _collate(data: PreparedData, dense: np.ndarray, idx: np.ndarray, *, mask_ratio: float, seed,
-             backend: str, labels: np.ndarray | None, batches: np.ndarray | None, include_zeros: bool):
+             backend: str, labels: np.ndarray | None, batches: np.ndarray | None, include_zeros: bool,
+             gene_dropout: float = 0.0):
     rows = dense[idx]
+    if gene_dropout > 0:  # training-time augmentation (FineTuneConfig.gene_dropout); seed is the loop's Generator
+        rows = _drop_genes(rows, gene_dropout, seed)
     if include_zeros:
         genes, values = data.token_ids, rows
     else:  # each cell's expressed HVGs (a cell with none keeps only <cls>)
@@ -210,8 +223,9 @@ def fine_tune(pretrained: ScGPT | None, base_cfg: ModelConfig, data: PreparedDat
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
     log.info("fine-tune %s %s: %d train / %d validation cells x %d genes, %d epochs x %d steps, lr %.2g "
-             "(AdamW, wd %g, warm-up %d steps)", name, ft.task, tr_idx.size, val_idx.size, data.n_genes,
-             epochs, steps_per_epoch, lr, ft.weight_decay, warmup)
+             "(AdamW, wd %g, warm-up %d steps%s)", name, ft.task, tr_idx.size, val_idx.size, data.n_genes,
+             epochs, steps_per_epoch, lr, ft.weight_decay, warmup,
+             f", gene dropout up to {ft.gene_dropout:g}" if ft.gene_dropout else "")
     best_key, best_state, best_epoch, history = None, None, 0, []
     t_start = time.perf_counter()
     for epoch in range(1, epochs + 1):
@@ -223,7 +237,8 @@ def fine_tune(pretrained: ScGPT | None, base_cfg: ModelConfig, data: PreparedDat
             if ft.task == "integration" and idx.size < 2:
                 continue  # ECS and DSBN's batch norm need at least two cells
             batch = _collate(data, dense, idx, mask_ratio=mask, seed=rng, backend=backend,
-                             labels=labels, batches=batches, include_zeros=ft.include_zeros).to(ft.device)
+                             labels=labels, batches=batches, include_zeros=ft.include_zeros,
+                             gene_dropout=ft.gene_dropout).to(ft.device)
             loss = model(batch, cls_class_weight=weight).loss.total
             tot += train_step(model, opt, loss, ft.grad_clip, sched) * idx.size
             n += idx.size

@@ -72,7 +72,8 @@ def task_config(base: ModelConfig) -> ModelConfig:
     """The pretrained architecture plus the condition embedding; perturb-GEP (MSE) is the only loss."""
     return base.replace(n_conditions=2, n_batches=0, use_batch_labels=False, dsbn=False, n_cell_types=0,
                         n_modalities=0, explicit_zero_prob=False,
-                        objectives=dict(gep=True, gep_loss="mse", gepc=False, ecs=False, dar=False, cls=False))
+                        objectives=dict(gep=True, gep_loss="mse", gepc=False, ecs=False, dar=False, cls=False,
+                                        depth_adv=False))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -59,6 +59,7 @@ class ModelBatch:
     modality: Tensor | None = None  # long per token (gene / peak / protein), like genes
     batch_labels: Tensor | None = None  # (B,) long
     celltype_labels: Tensor | None = None  # (B,) long
+    n_expressed: Tensor | None = None  # (B,) float: each cell's expressed genes before sub-sampling (depth)
 
     # ------------------------------------------------------------------------------------------
     @property
@@ -123,6 +124,7 @@ class CellTokens:
     loss: np.ndarray  # (n,) bool
     condition: np.ndarray | None = None  # (n,) int
     modality: np.ndarray | None = None  # (n,) int
+    n_expressed: int | None = None  # expressed genes of the whole cell before sub-sampling; None: its values > 0
 
 
 def resolve_backend(backend: Backend) -> Literal["sdpa", "flash"]:
@@ -165,6 +167,8 @@ def assemble(cells: Sequence[CellTokens], *, backend: Backend = "sdpa", batch_la
     n_unk = np.array([int(c.unknown.sum()) for c in cells])
     n_kn = np.array([len(c.genes) for c in cells]) - n_unk + 1  # + <cls>
     n_tokens = int((n_kn + n_unk).sum())
+    n_expr = torch.tensor([c.n_expressed if c.n_expressed is not None else int((np.asarray(c.targets) > 0).sum())
+                           for c in cells], dtype=torch.float32)
     fields = ("genes", "values", "targets", "unknown", "masked", "loss", "condition", "modality")
     dtypes = dict(genes=np.int64, values=np.float32, targets=np.float32, unknown=bool, masked=bool,
                   loss=bool, condition=np.int64, modality=np.int64)
@@ -193,7 +197,8 @@ def assemble(cells: Sequence[CellTokens], *, backend: Backend = "sdpa", batch_la
             cu_q=torch.from_numpy(cu_q), cu_k=torch.from_numpy(cu_k), max_q=int(lens.max()), max_k=int(n_kn.max()),
             condition=t["condition"] if has_cond else None, modality=t["modality"] if has_mod else None,
             batch_labels=_labels(batch_labels, b, "batch_labels"),
-            celltype_labels=_labels(celltype_labels, b, "celltype_labels"), unknown_count=int(n_unk.sum()))
+            celltype_labels=_labels(celltype_labels, b, "celltype_labels"), unknown_count=int(n_unk.sum()),
+            n_expressed=n_expr)
 
     lk = int(-(-n_kn.max() // KNOWN_BLOCK_MULTIPLE) * KNOWN_BLOCK_MULTIPLE)
     width = max(int((n_kn + n_unk).max()), lk)
@@ -214,7 +219,8 @@ def assemble(cells: Sequence[CellTokens], *, backend: Backend = "sdpa", batch_la
         unknown=t["unknown"], masked=t["masked"], loss_mask=t["loss"], n_cells=b, n_tokens=n_tokens,
         n_known=lk, known_valid=torch.from_numpy(known_valid), condition=t["condition"] if has_cond else None,
         modality=t["modality"] if has_mod else None, batch_labels=_labels(batch_labels, b, "batch_labels"),
-        celltype_labels=_labels(celltype_labels, b, "celltype_labels"), unknown_count=int(n_unk.sum()))
+        celltype_labels=_labels(celltype_labels, b, "celltype_labels"), unknown_count=int(n_unk.sum()),
+        n_expressed=n_expr)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -258,10 +264,11 @@ def collate_generative(genes: Sequence[np.ndarray], values: Sequence[np.ndarray]
         if g.shape != v.shape:
             raise ValueError(f"a cell's genes and values differ in length ({g.shape} vs {v.shape})")
         _check_values(v)
+        n_expr = int((v > 0).sum())
         keep = subsample(len(g), max_seq_len, rng)
         g, v = g[keep], v[keep]
         ratio = float(rng.choice(np.asarray(unknown_ratios, dtype=float)))
-        cells.append(split_cell(g, v, int(round(ratio * len(g))), rng))
+        cells.append(dataclasses.replace(split_cell(g, v, int(round(ratio * len(g))), rng), n_expressed=n_expr))
     return assemble(cells, backend=backend, batch_labels=batch_labels, celltype_labels=celltype_labels)
 
 
@@ -300,17 +307,18 @@ def collate_all_genes(genes: np.ndarray | Sequence[np.ndarray], values: np.ndarr
         m = None if modality is None else np.asarray(modality if shared else modality[i])
         if m is not None and m.shape != g.shape:
             raise ValueError(f"cell {i}: {len(m)} modality ids for {len(g)} genes")
+        n_expr = int((v > 0).sum())
         keep = subsample(len(g), max_seq_len, rng)
         g, v = g[keep], v[keep]
         m = None if m is None else m[keep]
         n_mask = int(round(mask_ratio * len(g)))
         if mode == "generative":
-            cells.append(split_cell(g, v, n_mask, rng, modality=m))
+            cells.append(dataclasses.replace(split_cell(g, v, n_mask, rng, modality=m), n_expressed=n_expr))
             continue
         masked = np.zeros(len(g), dtype=bool)
         masked[rng.choice(len(g), size=n_mask, replace=False)] = True
         cells.append(CellTokens(genes=g, values=v, targets=v, unknown=np.zeros(len(g), dtype=bool), masked=masked,
-                                loss=masked.copy(), modality=m))
+                                loss=masked.copy(), modality=m, n_expressed=n_expr))
     return assemble(cells, backend=backend, batch_labels=batch_labels, celltype_labels=celltype_labels)
 
 

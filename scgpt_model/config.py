@@ -41,6 +41,11 @@ class ObjectiveConfig:
     cls: bool = False  # cell-type classification on the cell embedding (needs labels)
     cls_weight: float = 1.0
     zero_prob_weight: float = 1.0  # Bernoulli NLL of the explicit zero probability, when enabled
+    depth_adv: bool = False  # not in the paper: a depth discriminator behind gradient reversal on the cell
+    # embeddings (<cls> and the mean gene state) during pretraining; it predicts each cell's quartile of expressed
+    # genes within the mini-batch, so the cell state is pushed to carry cell type rather than sequencing depth
+    # (BENCHMARKS.md, issue 10). Use with ModelConfig.depth_input, so the decoders still know the depth.
+    depth_adv_weight: float = 1.0
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -79,6 +84,8 @@ class ModelConfig:
     cell_emb_style: CellEmbStyle = "cls"  # the cell embedding: the final <cls> state (released args.json), or
     # "avg-pool": the mean final state of the cell's gene tokens (the reference's other style)
     n_cls_layers: int = 3  # classifier / discriminator depth, released "n_layers_cls"
+    depth_input: bool = False  # not in the paper: the cell's log expressed-gene count is fed to the GEP and GEPC
+    # decoders (scVI-style library-size conditioning), so predicting bins does not need it in the cell state
     dsbn: bool = False  # domain-specific batch norm on the input embeddings (needs batch labels)
     dsbn_affine: bool = False  # reference uses affine only with "do_affine"
     explicit_zero_prob: bool = False  # extra Bernoulli head for zero expression

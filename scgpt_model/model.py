@@ -19,6 +19,9 @@ from scgpt_model.schema import CLS_ID
 
 logger = logging.getLogger(__name__)
 
+DEPTH_CLASSES = 4  # the depth discriminator's target: each cell's quartile of expressed genes in its mini-batch
+DEPTH_CENTRE = 6.0  # log1p(expressed genes) is fed to the decoders minus this (e^6 ~ 400 genes), about unit scale
+
 
 @dataclass
 class ModelOutput:
@@ -32,6 +35,7 @@ class ModelOutput:
     gepc_pred: Tensor | None = None  # (N,) GEPC prediction
     cls_logits: Tensor | None = None  # (B, n_cell_types)
     dar_logits: Tensor | None = None  # (B, n_batches)
+    depth_logits: Tensor | None = None  # (2B, DEPTH_CLASSES): the depth discriminator on <cls>, then the mean gene state
     loss: LossOutput | None = None
 
 
@@ -70,6 +74,11 @@ class ScGPT(nn.Module):
                          if cfg.n_cell_types > 1 else None)
         self.dar_head = (MLPClassifier(d, cfg.n_batches, cfg.n_cls_layers, nn.LeakyReLU, reverse_grad=True,
                                        lambd=obj.dar_lambda) if obj.dar else None)
+        # depth conditioning of the decoders, and the depth discriminator (ModelConfig.depth_input, ObjectiveConfig.depth_adv)
+        self.depth_gep = nn.Linear(1, d_head) if cfg.depth_input else None
+        self.depth_gepc = nn.Linear(1, d_cell) if cfg.depth_input and obj.gepc else None
+        self.depth_head = (MLPClassifier(d, DEPTH_CLASSES, cfg.n_cls_layers, nn.LeakyReLU, reverse_grad=True)
+                           if obj.depth_adv else None)
         self.init_weights()
 
     # ------------------------------------------------------------------------------------------
@@ -206,6 +215,10 @@ class ScGPT(nn.Module):
                     raise ValueError("this model has modality tokens (n_modalities > 0); pass modality to the collate")
                 extra = extra + self.modality_encoder(batch.modality.reshape(-1))
             head_in = torch.cat([h, extra], dim=-1)  # eq. 8
+        depth = _log_depth(batch, h) if self.depth_gep is not None else None  # (B, 1)
+        if depth is not None:
+            need_cell = need_cell if need_cell is not None else batch.token_cell()
+            head_in = head_in + self.depth_gep(depth.to(h.dtype)).index_select(0, need_cell)
         expr, zero_prob = self.expr_head(head_in)
         out = ModelOutput(cell_emb=cell_emb, hidden=h, expr_pred=expr, zero_prob=zero_prob)
         if expr.dim() == 2:
@@ -215,12 +228,17 @@ class ScGPT(nn.Module):
             cell_in = cell_emb
             if cfg.use_batch_labels:
                 cell_in = torch.cat([cell_emb, batch_emb], dim=-1)  # eq. 9
+            if self.depth_gepc is not None:
+                cell_in = cell_in + self.depth_gepc(depth.to(cell_in.dtype))
             tc = need_cell if need_cell is not None else batch.token_cell()
             out.gepc_pred, gepc_zero = self.gepc_head(g, cell_in.index_select(0, tc))
         if self.cls_head is not None:
             out.cls_logits = self.cls_head(cell_emb)
         if self.dar_head is not None:
             out.dar_logits = self.dar_head(cell_emb)
+        if self.depth_head is not None:
+            states = torch.cat([h.index_select(0, batch.cls_index()), _mean_gene_state(h, batch)])
+            out.depth_logits = self.depth_head(states)
         if compute_loss:
             out.loss = self._losses(batch, out, gepc_zero, cls_class_weight)
         return out
@@ -250,6 +268,10 @@ class ScGPT(nn.Module):
             labels = self._require_batch_labels(batch)
             raw["dar"] = nn.functional.cross_entropy(out.dar_logits.float(), labels)
             w["dar"] = obj.dar_weight
+        if out.depth_logits is not None:
+            labels = _depth_quartile(_n_expressed(batch, out.hidden)).to(out.depth_logits.device)
+            raw["depth_adv"] = nn.functional.cross_entropy(out.depth_logits.float(), labels.repeat(2))
+            w["depth_adv"] = obj.depth_adv_weight
         if obj.cls and out.cls_logits is not None:
             if batch.celltype_labels is None:
                 raise ValueError("the CLS objective is on; pass celltype_labels to the collate function")
@@ -284,3 +306,22 @@ def _mean_gene_state(h: Tensor, batch: ModelBatch) -> Tensor:
     total = torch.zeros(batch.n_cells, h.shape[-1], dtype=h.dtype, device=h.device).index_add_(0, cell, h * w[:, None])
     count = torch.zeros(batch.n_cells, dtype=h.dtype, device=h.device).index_add_(0, cell, w)
     return total / count.clamp_min(1.0)[:, None]
+
+
+def _n_expressed(batch: ModelBatch, h: Tensor) -> Tensor:
+    """(B,) expressed genes per cell: the collate's count before sub-sampling, else the batch's tokens with a value."""
+    if batch.n_expressed is not None:
+        return batch.n_expressed.to(h.device, torch.float32)
+    real = batch.token_mask.reshape(-1) & (batch.targets.reshape(-1) > 0)
+    return torch.zeros(batch.n_cells, device=h.device).index_add_(0, batch.token_cell(), real.float())
+
+
+def _log_depth(batch: ModelBatch, h: Tensor) -> Tensor:
+    """(B, 1) the decoders' depth input: log1p(expressed genes) - DEPTH_CENTRE."""
+    return (torch.log1p(_n_expressed(batch, h)) - DEPTH_CENTRE).unsqueeze(-1)
+
+
+def _depth_quartile(n: Tensor) -> Tensor:
+    """(B,) long: each cell's rank of expressed genes in the batch, in DEPTH_CLASSES equal groups (ties by order)."""
+    rank = torch.argsort(torch.argsort(n, stable=True), stable=True)
+    return (rank * DEPTH_CLASSES // max(n.numel(), 1)).long()

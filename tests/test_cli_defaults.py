@@ -52,7 +52,7 @@ def test_evaluate_defaults_match_eval_options():
     fields = {"epochs": "epochs", "batch_size": "batch_size", "lr": "lr", "warmup": "warmup_fraction",
               "weight_decay": "weight_decay", "n_hvg": "n_hvg", "max_cells": "max_cells", "seed": "seed",
               "label_fraction": "label_fraction", "min_steps": "min_steps", "cell_emb": "cell_emb",
-              "perturbation_min_steps": "perturbation_min_steps", "dropout": "dropout",
+              "perturbation_min_steps": "perturbation_min_steps", "dropout": "dropout", "gene_dropout": "gene_dropout",
               "include_zeros": "include_zeros", "class_weight": "class_weight",
               "splits": "n_splits", "max_perturbations": "max_perturbations", "trunk": "trunk"}
     assert {dest: getattr(args, dest) for dest in fields} == {dest: getattr(d, f) for dest, f in fields.items()}

@@ -109,3 +109,28 @@ def test_min_steps_spreads_the_lr_decay_and_balanced_weights_rare_types():
     assert len(lrs) == 4
     assert lrs[-1] / default_lr(cfg.d_model) >= 0.9 ** 2 - 1e-9, lrs  # 2 epochs asked for: 2 decays at most
     assert np.isfinite([h["train_loss"] for h in res.history]).all()
+
+
+def test_gene_dropout_thins_the_training_cells_only():
+    """FineTuneConfig.gene_dropout: each training cell loses a share of its expressed genes drawn per cell
+    from [0, share); zeros stay zeros; validation and prediction batches (gene_dropout 0) keep every gene."""
+    import scipy.sparse as sp
+
+    from eval.finetune import _collate, _drop_genes
+
+    rng = np.random.default_rng(0)
+    rows = rng.integers(1, 51, size=(400, 200)).astype(np.float32)
+    rows[:, :50] = 0
+    out = _drop_genes(rows, 0.6, np.random.default_rng(1))
+    kept = (out > 0).sum(1) / 150
+    assert ((out == rows) | (out == 0)).all() and (out[:, :50] == 0).all()
+    assert kept.min() > 0.3 and kept.max() <= 1.0 and 0.65 < kept.mean() < 0.75  # E[kept] = 1 - 0.6 / 2
+    assert kept.std() > 0.1  # the rate varies per cell, so the model sees cells of many depths
+    data = type("D", (), {"token_ids": np.arange(10, 210), "bins": sp.csr_matrix(rows)})()
+    full = _collate(data, rows, np.arange(8), mask_ratio=0.0, seed=0, backend="sdpa", labels=None,
+                    batches=None, include_zeros=False)
+    thin = _collate(data, rows, np.arange(8), mask_ratio=0.0, seed=np.random.default_rng(2), backend="sdpa",
+                    labels=None, batches=None, include_zeros=False, gene_dropout=0.6)
+    assert (full.token_mask.sum(1) - 1).tolist() == [150] * 8
+    assert (thin.token_mask.sum(1) < full.token_mask.sum(1)).any()
+    assert (thin.n_expressed < full.n_expressed).any()  # the thinned cell's depth is what the model sees
