@@ -90,7 +90,7 @@ def build_model(pretrained: ScGPT | None, vocab: GeneVocab, table: ModalityTable
     """The extended model for ``data``; ``pretrained=None``: the same architecture, random weights."""
     feats = {k: m.features for k, m in data.mods.items() if k != RNA}
     nb = 0 if data.batches is None else len(set(data.batches))
-    over = dict(n_batches=max(nb, 1), use_batch_labels=nb > 1, dsbn=False, n_cell_types=0,
+    over = dict(n_batches=max(nb, 1), use_batch_labels=nb > 1, dsbn=False, n_cell_types=0, depth_input=False,
                 objectives=dict(gep=True, gepc=True, ecs=False, dar=nb > 1, dar_weight=1.0, cls=False,
                                 depth_adv=False))
     model, new_vocab, tab = extend_for_modalities(pretrained, vocab, feats, trunk=cfg.trunk, table=table,

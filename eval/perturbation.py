@@ -69,9 +69,10 @@ class PerturbModel:
 
 
 def task_config(base: ModelConfig) -> ModelConfig:
-    """The pretrained architecture plus the condition embedding; perturb-GEP (MSE) is the only loss."""
+    """The pretrained architecture plus the condition embedding; perturb-GEP (MSE) is the only loss. No depth
+    input: the decoder predicts the perturbed cell, whose depth is not the control's."""
     return base.replace(n_conditions=2, n_batches=0, use_batch_labels=False, dsbn=False, n_cell_types=0,
-                        n_modalities=0, explicit_zero_prob=False,
+                        n_modalities=0, explicit_zero_prob=False, depth_input=False,
                         objectives=dict(gep=True, gep_loss="mse", gepc=False, ecs=False, dar=False, cls=False,
                                         depth_adv=False))
 

@@ -124,7 +124,7 @@ class CellTokens:
     loss: np.ndarray  # (n,) bool
     condition: np.ndarray | None = None  # (n,) int
     modality: np.ndarray | None = None  # (n,) int
-    n_expressed: int | None = None  # expressed genes of the whole cell before sub-sampling; None: its values > 0
+    n_expressed: int | None = None  # expressed genes of the whole cell before sub-sampling; None: its known ones
 
 
 def resolve_backend(backend: Backend) -> Literal["sdpa", "flash"]:
@@ -144,6 +144,11 @@ def subsample(n: int, max_len: int | None, rng: np.random.Generator) -> np.ndarr
     if max_len is None or n <= max_len:
         return np.arange(n)
     return np.sort(rng.choice(n, size=max_len, replace=False))
+
+
+def _n_known_expressed(c: CellTokens) -> int:
+    """A cell's expressed genes among its known, unmasked tokens: the depth a model may see (never a target)."""
+    return int(((~c.unknown) & (~c.masked) & (np.asarray(c.values) > 0)).sum())
 
 
 def _labels(x: Sequence[int] | np.ndarray | Tensor | None, n: int, name: str) -> Tensor | None:
@@ -167,8 +172,8 @@ def assemble(cells: Sequence[CellTokens], *, backend: Backend = "sdpa", batch_la
     n_unk = np.array([int(c.unknown.sum()) for c in cells])
     n_kn = np.array([len(c.genes) for c in cells]) - n_unk + 1  # + <cls>
     n_tokens = int((n_kn + n_unk).sum())
-    n_expr = torch.tensor([c.n_expressed if c.n_expressed is not None else int((np.asarray(c.targets) > 0).sum())
-                           for c in cells], dtype=torch.float32)
+    n_expr = torch.tensor([c.n_expressed if c.n_expressed is not None else _n_known_expressed(c) for c in cells],
+                          dtype=torch.float32)
     fields = ("genes", "values", "targets", "unknown", "masked", "loss", "condition", "modality")
     dtypes = dict(genes=np.int64, values=np.float32, targets=np.float32, unknown=bool, masked=bool,
                   loss=bool, condition=np.int64, modality=np.int64)

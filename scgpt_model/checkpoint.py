@@ -98,7 +98,7 @@ def load_pretrained(dirpath: str | Path, map_location: str | torch.device = "cpu
                           f"official scGPT layout ({', '.join(OFFICIAL_FILES)})")
 
 
-HEAD_PREFIXES = ("expr_head.", "gepc_head.", "cls_head.", "dar_head.")
+HEAD_PREFIXES = ("expr_head.", "gepc_head.", "cls_head.", "dar_head.", "depth_gep.", "depth_gepc.", "depth_head.")
 
 
 def load_compatible(model: ScGPT, state: dict[str, torch.Tensor], strict: bool = True) -> list[str]:

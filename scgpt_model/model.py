@@ -309,10 +309,11 @@ def _mean_gene_state(h: Tensor, batch: ModelBatch) -> Tensor:
 
 
 def _n_expressed(batch: ModelBatch, h: Tensor) -> Tensor:
-    """(B,) expressed genes per cell: the collate's count before sub-sampling, else the batch's tokens with a value."""
+    """(B,) expressed genes per cell: the collate's count before sub-sampling, else the known, unmasked tokens
+    with a value (never a target)."""
     if batch.n_expressed is not None:
         return batch.n_expressed.to(h.device, torch.float32)
-    real = batch.token_mask.reshape(-1) & (batch.targets.reshape(-1) > 0)
+    real = (batch.token_mask & ~batch.unknown & ~batch.masked & (batch.values > 0)).reshape(-1)
     return torch.zeros(batch.n_cells, device=h.device).index_add_(0, batch.token_cell(), real.float())
 
 

@@ -252,9 +252,14 @@ def test_depth_input_and_depth_discriminator():
         torch.testing.assert_close(a, -p, atol=1e-7, rtol=1e-5)
     from eval.finetune import task_config
     from eval.perturbation import task_config as perturbation_config
-    for ft in (task_config(cfg, "annotation", n_classes=3), task_config(cfg, "integration", n_batches=2),
-               perturbation_config(cfg)):
+    for ft in (task_config(cfg, "annotation", n_classes=3), task_config(cfg, "integration", n_batches=2)):
         assert not ft.objectives.depth_adv and ft.depth_input
+    pert = perturbation_config(cfg)  # predicts another cell than its input: no depth input there
+    assert not pert.objectives.depth_adv and not pert.depth_input
+    # a batch built without a count sees only its known, unmasked values: never a target
+    b2 = collate_perturbation(np.arange(10, 16), np.array([[0, 3, 0, 7, 1, 0]], dtype=np.float32),
+                              np.array([[9, 9, 9, 9, 9, 9]], dtype=np.float32), np.array([[0, 1, 0, 0, 0, 0]]))
+    assert b2.n_expressed.tolist() == [3.0]
 
 
 def dataclasses_replace(obj, **kw):
