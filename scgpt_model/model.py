@@ -35,7 +35,8 @@ class ModelOutput:
     gepc_pred: Tensor | None = None  # (N,) GEPC prediction
     cls_logits: Tensor | None = None  # (B, n_cell_types)
     dar_logits: Tensor | None = None  # (B, n_batches)
-    depth_logits: Tensor | None = None  # (2B, DEPTH_CLASSES): the depth discriminator on <cls>, then the mean gene state
+    depth_logits: Tensor | None = None  # (2B, DEPTH_CLASSES): the depth discriminator on <cls>, then on the
+    # mean gene state
     loss: LossOutput | None = None
 
 
@@ -74,7 +75,8 @@ class ScGPT(nn.Module):
                          if cfg.n_cell_types > 1 else None)
         self.dar_head = (MLPClassifier(d, cfg.n_batches, cfg.n_cls_layers, nn.LeakyReLU, reverse_grad=True,
                                        lambd=obj.dar_lambda) if obj.dar else None)
-        # depth conditioning of the decoders, and the depth discriminator (ModelConfig.depth_input, ObjectiveConfig.depth_adv)
+        # depth conditioning of the decoders, and the depth discriminator (ModelConfig.depth_input,
+        # ObjectiveConfig.depth_adv)
         self.depth_gep = nn.Linear(1, d_head) if cfg.depth_input else None
         self.depth_gepc = nn.Linear(1, d_cell) if cfg.depth_input and obj.gepc else None
         self.depth_head = (MLPClassifier(d, DEPTH_CLASSES, cfg.n_cls_layers, nn.LeakyReLU, reverse_grad=True)
