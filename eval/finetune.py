@@ -67,7 +67,7 @@ class FineTuneConfig:
     # (the mean final gene state); None keeps the pretrained model's (BENCHMARKS.md, issue 10)
     dropout: float | None = None  # None: the pretrained model's (the official annotation tutorial fine-tunes at 0.2)
     gene_dropout: float = 0.0  # augmentation of the training cells: each step, each cell loses a share of its
-    # expressed input genes drawn uniformly from [0, gene_dropout], so the head cannot lean on how many genes a
+    # expressed input genes drawn per cell uniformly from [0, gene_dropout), so the head cannot lean on how many genes a
     # cell has (sequencing depth differs between chemistries; BENCHMARKS.md, issue 10). Validation and
     # prediction see every gene.
     seed: int = 0

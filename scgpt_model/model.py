@@ -311,12 +311,11 @@ def _mean_gene_state(h: Tensor, batch: ModelBatch) -> Tensor:
 
 
 def _n_expressed(batch: ModelBatch, h: Tensor) -> Tensor:
-    """(B,) expressed genes per cell: the collate's count before sub-sampling, else the known, unmasked tokens
-    with a value (never a target)."""
-    if batch.n_expressed is not None:
-        return batch.n_expressed.to(h.device, torch.float32)
-    real = (batch.token_mask & ~batch.unknown & ~batch.masked & (batch.values > 0)).reshape(-1)
-    return torch.zeros(batch.n_cells, device=h.device).index_add_(0, batch.token_cell(), real.float())
+    """(B,) expressed genes per cell, as ``batching.assemble`` counted them (never from a target)."""
+    if batch.n_expressed is None:
+        raise ValueError("a depth-aware model (depth_input / depth_adv) needs each cell's expressed-gene count; "
+                         "build the batch with scgpt_model.batching's collate functions")
+    return batch.n_expressed.to(h.device, torch.float32)
 
 
 def _log_depth(batch: ModelBatch, h: Tensor) -> Tensor:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -234,7 +235,7 @@ def test_depth_input_and_depth_discriminator():
     out = model(b)
     assert set(out.loss.terms) == {"gep", "gepc", "depth_adv"} and out.depth_logits.shape == (12, 4)
     assert out.loss.weights["depth_adv"] == 2.0
-    shallow = dataclasses_replace(b, n_expressed=b.n_expressed / 8)
+    shallow = dataclasses.replace(b, n_expressed=b.n_expressed / 8)
     model.eval()
     assert not torch.allclose(model(b).expr_pred, model(shallow).expr_pred)  # the decoders read the depth
     assert not torch.allclose(model(b).gepc_pred, model(shallow).gepc_pred)
@@ -260,9 +261,3 @@ def test_depth_input_and_depth_discriminator():
     b2 = collate_perturbation(np.arange(10, 16), np.array([[0, 3, 0, 7, 1, 0]], dtype=np.float32),
                               np.array([[9, 9, 9, 9, 9, 9]], dtype=np.float32), np.array([[0, 1, 0, 0, 0, 0]]))
     assert b2.n_expressed.tolist() == [3.0]
-
-
-def dataclasses_replace(obj, **kw):
-    import dataclasses
-
-    return dataclasses.replace(obj, **kw)
