@@ -3,8 +3,9 @@
 The CPU-scale pretrained embedding has one dominant principal component that follows sequencing
 depth (BENCHMARKS.md, issue 10). This scores, for the pretrained model and its random-init twin,
 each cell embedding (`<cls>` and the mean gene state) as `evaluate --task zero-shot` computes it,
-and two post-hoc edits of it: a linear regression on the cell's log number of expressed genes
-removed, and the first principal component removed. Per row: AvgBIO (scib, S.2), kNN label
+and four post-hoc edits of it: a linear regression on the cell's log number of expressed genes
+removed, the first principal component removed, each dimension standardized, and PCA whitening
+(the top 50 components, each scaled to unit variance). Per row: AvgBIO (scib, S.2), kNN label
 transfer accuracy (reference -> query, as the zero-shot task splits), the first PC's share of
 the variance and its |correlation| with log expressed genes. An analysis, not a tool option.
 
@@ -43,6 +44,18 @@ def drop_first_pc(e: np.ndarray) -> np.ndarray:
     return ec - np.outer(ec @ v, v)
 
 
+def standardize(e: np.ndarray) -> np.ndarray:
+    """Each embedding dimension centred and scaled to unit variance over the cells."""
+    return (e - e.mean(0)) / (e.std(0) + 1e-8)
+
+
+def whiten(e: np.ndarray, k: int = 50) -> np.ndarray:
+    """Projected on the top ``k`` principal components, each scaled to unit variance (PCA whitening)."""
+    ec = e - e.mean(0)
+    u, _, _ = np.linalg.svd(ec, full_matrices=False)
+    return u[:, :k] * np.sqrt(len(e))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", required=True, help="models:/<name>/<version> or a model folder")
@@ -64,7 +77,8 @@ def main() -> None:
         for style in ("avg-pool", "cls"):
             e = m.embed_cells(d, seed=args.seed, style=style)
             for edit, x in (("none", e), ("log expressed genes regressed out", regress_out(e, depth)),
-                            ("PC1 removed", drop_first_pc(e))):
+                            ("PC1 removed", drop_first_pc(e)), ("dimensions standardized", standardize(e)),
+                            ("PCA-whitened, 50 PCs", whiten(e))):
                 s = tasks.zero_shot_scores(x, d, ref, qry, opts)
                 ec, v, share = first_pc(x)
                 r = abs(np.corrcoef(ec @ v, depth)[0, 1])

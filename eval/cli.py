@@ -101,7 +101,8 @@ def _parser(suite: bool) -> argparse.ArgumentParser:
     ap.add_argument("--gene-dropout", type=float, default=None,
                     help="annotation / integration fine-tunes: augment each training cell at each step by dropping "
                          "a share of its expressed input genes drawn uniformly from [0, this), so the model cannot "
-                         "lean on sequencing depth (default: 0.5 for annotation, 0 = off for integration)")
+                         "lean on sequencing depth (default: 0.5 for annotation when the query is other batches, else 0 = "
+                         "off; off for integration)")
     ap.add_argument("--include-zeros", action="store_true",
                     help="annotation / integration: feed every HVG, zeros as bin 0 (default: each cell's expressed "
                          "HVGs only, as pretraining and the reference fine-tuning)")

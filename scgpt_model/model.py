@@ -239,7 +239,8 @@ class ScGPT(nn.Module):
         if self.dar_head is not None:
             out.dar_logits = self.dar_head(cell_emb)
         if self.depth_head is not None:
-            states = torch.cat([h.index_select(0, batch.cls_index()), _mean_gene_state(h, batch)])
+            pooled = cell_emb if cfg.cell_emb_style == "avg-pool" else _mean_gene_state(h, batch)
+            states = torch.cat([h.index_select(0, batch.cls_index()), pooled])
             out.depth_logits = self.depth_head(states)
         if compute_loss:
             out.loss = self._losses(batch, out, gepc_zero, cls_class_weight)

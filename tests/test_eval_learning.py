@@ -134,3 +134,19 @@ def test_gene_dropout_thins_the_training_cells_only():
     assert (full.token_mask.sum(1) - 1).tolist() == [150] * 8
     assert (thin.token_mask.sum(1) < full.token_mask.sum(1)).any()
     assert (thin.n_expressed < full.n_expressed).any()  # the thinned cell's depth is what the model sees
+
+
+def test_gene_dropout_default_follows_the_split():
+    """Gene dropout is an augmentation against a depth shift: on by default only where the annotation query
+    is other batches than the reference (symphony's 5' batch), off for a stratified query (pbmc3k) and for
+    integration; --gene-dropout overrides both."""
+    from eval.tasks import EvalOptions, _ft_config, gene_dropout
+
+    d = EvalOptions()
+    assert gene_dropout(d, "annotation", cross_batch=True) == 0.5
+    assert gene_dropout(d, "annotation", cross_batch=False) == 0.0
+    assert gene_dropout(d, "integration", cross_batch=False) == 0.0
+    assert gene_dropout(EvalOptions(gene_dropout=0.3), "annotation", cross_batch=False) == 0.3
+    assert gene_dropout(EvalOptions(gene_dropout=0.0), "annotation", cross_batch=True) == 0.0
+    assert _ft_config(d, "annotation", True).gene_dropout == 0.5
+    assert _ft_config(d, "annotation", False).gene_dropout == 0.0
